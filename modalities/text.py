@@ -1,0 +1,86 @@
+"""Text: UTF-8 ``txt`` → token ids through a transformers tokenizer → padded ``input_ids`` +
+``attention_mask``.
+
+The tokenizer is any directory ``AutoTokenizer.from_pretrained`` loads (``selfsup tokenize``
+writes one). It is loaded lazily, once per worker process. Train-time augmentation is a random
+window of ``max_length`` tokens over long texts; evaluation keeps the head.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.modality import Modality as Base
+from pipeline.modality import ModalityConfig
+
+
+class TextConfig(ModalityConfig):
+    #: directory of a saved tokenizer (``selfsup tokenize`` output); needed to decode, not to encode
+    tokenizer: str | None = None
+    #: tokens per sample, special tokens included
+    max_length: int = 64
+    #: pad every batch to ``max_length`` (fixed shapes) instead of to its longest sample
+    pad_to_max: bool = False
+
+
+class Modality(Base):
+    name = "text"
+    extensions = ("txt",)
+    Config = TextConfig
+
+    def __init__(self, cfg: TextConfig | None = None):
+        super().__init__(cfg)
+        self._tok = None
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            self._tok = load_tokenizer(self.cfg.tokenizer)
+            self._prefix = [t for t in (self._tok.cls_token_id if self._tok.cls_token_id is not None else self._tok.bos_token_id,) if t is not None]
+            self._suffix = [t for t in (self._tok.sep_token_id if self._tok.sep_token_id is not None else self._tok.eos_token_id,) if t is not None]
+        return self._tok
+
+    def encode(self, value: Any) -> tuple[str, bytes]:
+        if isinstance(value, Path):
+            value = value.read_text(encoding="utf-8")
+        if not isinstance(value, str):
+            raise ValueError(f"cannot encode {type(value).__name__} as text")
+        return "txt", value.encode("utf-8")
+
+    def decode(self, data: bytes, ext: str) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{ext} is not UTF-8 ({e.reason} at byte {e.start})") from None
+
+    def transform(self, text: str, rng: random.Random | None) -> torch.Tensor:
+        tok = self.tokenizer
+        ids = tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        room = self.cfg.max_length - len(self._prefix) - len(self._suffix)
+        start = rng.randint(0, len(ids) - room) if rng is not None and len(ids) > room else 0
+        return torch.tensor(self._prefix + ids[start : start + room] + self._suffix, dtype=torch.long)
+
+    def collate(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        length = self.cfg.max_length if self.cfg.pad_to_max else max(len(x) for x in items)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(items), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        for i, x in enumerate(items):
+            ids[i, : len(x)] = x
+            mask[i, : len(x)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def load_tokenizer(path: str | None):
+    if not path:
+        raise ConfigError("modalities.text.tokenizer: not set; train one with `selfsup tokenize` and point this at its directory")
+    if not Path(path).is_dir():
+        raise ConfigError(f"modalities.text.tokenizer: {path}: no such directory")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

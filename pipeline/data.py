@@ -1,0 +1,350 @@
+"""Streaming loader over webdataset shards with exact, elastic resume.
+
+The global order is a pure function of the seed. For each source and epoch, shards are shuffled by
+``(seed, source, epoch)`` and cut into *units* ``[shard, start, stop]`` (a whole shard, or a slice
+of one when there are fewer shards than streams). Units are dealt round-robin to the *streams*:
+one per (process, dataloader worker). A stream reads ``interleave`` units at once and picks the
+next sample among them by a hash of (seed, stream, sample count), so no shuffle buffer is needed
+and the stream's whole position is a short list of units with their cursors.
+
+Every batch travels from its worker with the state of its stream *after* that batch. The main
+process keeps the state of the last batch it handed out per stream, so ``state_dict()`` describes
+exactly what was consumed, never what was prefetched. Resuming with the same topology restarts each
+stream from its state (the remaining sequence is identical); resuming with another number of
+processes or workers pools the leftover units of every started epoch and deals them to the new
+streams, so over an epoch no sample is seen twice and none is dropped.
+
+Augmentation randomness is seeded by (seed, epoch, sample key) only, and the source of each batch
+by (seed, batch index), identical on every process, so mixtures keep ranks in step.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline import registry
+from pipeline.config import Config, ConfigError
+from pipeline.shards import ShardError, ShardSet, iter_samples, open_shards
+
+log = logging.getLogger(__name__)
+
+
+class SourceConfig(Config):
+    """One shard set and what to read from it."""
+
+    shards: str | list[str]
+    #: modalities decoded from each sample, e.g. [image, text]
+    modalities: list[str]
+    #: shard key of an integer label returned as ``batch["cls"]`` (e.g. ``cls``)
+    label: str | None = None
+    #: relative sampling weight when several sources are mixed
+    weight: float = 1.0
+
+
+class LoaderConfig(Config):
+    batch_size: int = 64  # per process
+    num_workers: int = 2
+    #: None streams forever (training runs are measured in steps); N stops after N passes
+    epochs: int | None = None
+    #: units read concurrently by one stream; more mixes shards better
+    interleave: int = 4
+    augment: bool = True
+    drop_last: bool = False
+    on_error: Literal["raise", "skip"] = "raise"
+    #: directory receiving one jsonl per process listing every consumed sample (audits, tests)
+    ledger: str | None = None
+    prefetch_factor: int = 4
+
+
+class SampleError(RuntimeError):
+    """A sample that cannot be used; the message names the shard, the key and the cause."""
+
+
+def hash_int(*parts: Any) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
+    """The augmentation generator of one sample: a function of (seed, epoch, key) only."""
+    return random.Random(hash_int(seed, epoch, key))
+
+
+def plan_epoch(shards: ShardSet, seed: int, source: str, epoch: int, n_streams: int) -> list[list[list[int]]]:
+    """Units ``[shard, start, stop]`` dealt to each of ``n_streams`` streams for one epoch."""
+    order = list(range(len(shards)))
+    random.Random(hash_int(seed, "order", source, epoch)).shuffle(order)
+    pieces = max(1, math.ceil(n_streams / max(1, len(shards))))
+    units = []
+    for i in order:
+        count = shards.shards[i].count
+        cuts = [count * p // pieces for p in range(pieces + 1)]
+        units += [[i, a, b] for a, b in zip(cuts, cuts[1:]) if b > a]
+    return [units[s::n_streams] for s in range(n_streams)]
+
+
+def initial_state(local: int, sources: list[str]) -> dict:
+    """State of a stream that has produced nothing: epoch 0 is planned lazily."""
+    return {"k": local, "sources": {s: {"n": 0, "segments": [], "next_epoch": 0, "skipped": 0} for s in sources}}
+
+
+class _SourceReader:
+    """The sample sequence of one source within one stream; mutates ``state`` as it reads."""
+
+    def __init__(self, name: str, shards: ShardSet, state: dict, plan, stream: int, cfg: LoaderConfig, seed: int):
+        self.name, self.shards, self.state, self.plan = name, shards, state, plan
+        self.stream, self.cfg, self.seed = stream, cfg, seed
+        self._open: dict[tuple, Iterator] = {}
+
+    def next(self) -> tuple[int, str, dict] | None:
+        """(epoch, shard path, raw sample), or None when the epoch budget is spent."""
+        st = self.state
+        while True:
+            if not st["segments"]:
+                if self.cfg.epochs is not None and st["next_epoch"] >= self.cfg.epochs:
+                    return None
+                st["segments"].append([st["next_epoch"], self.plan(st["next_epoch"])[self.stream]])
+                st["next_epoch"] += 1
+            epoch, units = st["segments"][0]
+            if not units:
+                st["segments"].pop(0)
+                continue
+            window = min(len(units), self.cfg.interleave)
+            j = hash_int(self.seed, "pick", self.name, self.stream, st["n"]) % window
+            unit = units[j]
+            st["n"] += 1
+            try:
+                sample = self._read(epoch, unit)
+            except ShardError as e:
+                if self.cfg.on_error == "raise":
+                    raise
+                st["skipped"] += unit[2] - unit[1]
+                log.warning("skipping %d samples: %s", unit[2] - unit[1], e)
+                units.pop(j)
+                continue
+            unit[1] += 1
+            if unit[1] >= unit[2]:
+                units.pop(j)
+                self._open.pop((epoch, unit[0], unit[2]), None)
+            return epoch, self.shards.shards[unit[0]].path, sample
+
+    def _read(self, epoch: int, unit: list[int]) -> dict:
+        shard, start, stop = unit
+        key = (epoch, shard, stop)
+        it = self._open.get(key)
+        if it is None:
+            it = self._open[key] = iter_samples(self.shards.shards[shard].path, start, stop)
+        sample = next(it, None)
+        if sample is None:
+            self._open.pop(key, None)
+            s = self.shards.shards[shard]
+            raise ShardError(f"{s.path}: ended at sample {start}, but the manifest promises {s.count}")
+        return sample
+
+
+class StreamingDataset(IterableDataset):
+    """Runs inside each dataloader worker: reads this worker's stream, decodes, augments, batches."""
+
+    def __init__(self, loader: "StreamingLoader"):
+        self.loader = loader
+
+    def __iter__(self):
+        ld = self.loader
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        local = (ld.rotation + worker) % ld.workers_per_rank
+        stream = ld.rank * ld.workers_per_rank + local
+        state = copy.deepcopy(ld.stream_states[stream])
+        mods = {m: registry.modality(m)(ld.modality_cfgs.get(m)) for src in ld.sources.values() for m in src.modalities}
+        readers = {
+            name: _SourceReader(name, ld.shardsets[name], state["sources"][name], ld.planner(name), stream, ld.cfg, ld.seed)
+            for name in ld.sources
+        }
+        alive = list(ld.sources)
+        while alive:
+            name = ld.choose_source(state["k"], alive)
+            items, keys, skips = [], [], []
+            while len(items) < ld.cfg.batch_size:
+                got = readers[name].next()
+                if got is None:
+                    alive.remove(name)
+                    break
+                item = self._prepare(name, mods, *got, skips)
+                if item is not None:
+                    items.append(item)
+                    keys.append(f"{name}:{Path(got[1]).name}:{got[2]['__key__']}")
+            if not items or (len(items) < ld.cfg.batch_size and ld.cfg.drop_last):
+                continue
+            batch = self._collate(name, mods, items)
+            batch["__meta__"] = {"stream": stream, "state": copy.deepcopy(state), "keys": keys, "skips": skips}
+            state["k"] += ld.workers_per_rank
+            yield batch
+
+    def _prepare(self, name: str, mods: dict, epoch: int, path: str, sample: dict, skips: list) -> dict | None:
+        src, ld = self.loader.sources[name], self.loader
+        try:
+            return prepare_sample(sample, src, mods, ld.seed, epoch if ld.cfg.augment else None, path)
+        except SampleError as e:
+            if ld.cfg.on_error == "raise":
+                raise
+            skips.append(str(e))
+            return None
+
+    def _collate(self, name: str, mods: dict, items: list[dict]) -> dict:
+        batch: dict[str, Any] = {m: mods[m].collate([it[m] for it in items]) for m in self.loader.sources[name].modalities}
+        if self.loader.sources[name].label:
+            batch["cls"] = torch.tensor([it["cls"] for it in items], dtype=torch.long)
+        batch["__key__"] = [it["__key__"] for it in items]
+        batch["__source__"] = name
+        return batch
+
+
+def prepare_sample(sample: dict, src: SourceConfig, mods: dict, seed: int, epoch: int | None, path: str) -> dict:
+    """Raw shard sample → per-sample tensors for every modality of ``src`` (+ label).
+    ``epoch=None`` means no augmentation. Raises ``SampleError`` naming shard, key and cause."""
+    key = sample["__key__"]
+    rng_key = f"{Path(path).name}:{key}"
+    out: dict[str, Any] = {"__key__": key}
+    for m in src.modalities:
+        mod = mods[m]
+        ext = mod.pick(sample)
+        if ext is None:
+            have = ", ".join(k for k in sample if not k.startswith("__")) or "nothing"
+            raise SampleError(f"{path}: sample {key!r}: no {m} (looked for {', '.join(mod.extensions)}; has {have})")
+        try:
+            rng = sample_rng(seed, epoch, f"{m}:{rng_key}") if epoch is not None else None
+            out[m] = mod.transform(mod.decode(sample[ext], ext), rng)
+        except ValueError as e:
+            raise SampleError(f"{path}: sample {key!r}: {e}") from None
+    if src.label:
+        raw = sample.get(src.label)
+        try:
+            out["cls"] = int(raw.decode().strip())
+        except (AttributeError, ValueError, UnicodeDecodeError):
+            what = "missing" if raw is None else f"not an integer ({raw[:20]!r})"
+            raise SampleError(f"{path}: sample {key!r}: label {src.label!r} {what}") from None
+    return out
+
+
+class StreamingLoader:
+    """Iterable of batch dicts for one process, with ``state_dict`` / ``load_state_dict``.
+
+    Not to be passed through ``accelerator.prepare``: it already splits work by process, and
+    Accelerate would shard it a second time. Move batches to the device with ``to_device``."""
+
+    def __init__(
+        self,
+        sources: dict[str, SourceConfig],
+        cfg: LoaderConfig,
+        modality_cfgs: dict[str, Any] | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        base_dir: Path | None = None,
+    ):
+        if not sources:
+            raise ConfigError("loader: no sources given")
+        self.sources, self.cfg, self.seed = sources, cfg, seed
+        self.modality_cfgs = modality_cfgs or {}
+        self.rank, self.world_size = rank, world_size
+        self.workers_per_rank = max(1, cfg.num_workers)
+        self.shardsets = {name: open_shards(src.shards, base_dir) for name, src in sources.items()}
+        for name, src in sources.items():
+            for m in src.modalities:
+                registry.modality(m)  # unknown modality: error now, not in a worker
+        self.stream_states = {
+            self.rank * self.workers_per_rank + w: initial_state(w, list(sources))
+            for w in range(self.workers_per_rank)
+        }
+        self.rotation = 0
+        self.batches = 0
+        self.skipped = 0
+
+    @property
+    def n_streams(self) -> int:
+        return self.world_size * self.workers_per_rank
+
+    def planner(self, name: str, n_streams: int | None = None):
+        shards, n = self.shardsets[name], n_streams or self.n_streams
+        return lambda epoch: plan_epoch(shards, self.seed, name, epoch, n)
+
+    def choose_source(self, k: int, alive: list[str]) -> str:
+        """Source of rank-level batch ``k``: weighted, and the same on every process."""
+        if len(alive) == 1:
+            return alive[0]
+        weights = [self.sources[n].weight for n in alive]
+        return random.Random(hash_int(self.seed, "mix", k)).choices(alive, weights)[0]
+
+    def __iter__(self) -> Iterator[dict]:
+        dataset = StreamingDataset(self)
+        kwargs = {"prefetch_factor": self.cfg.prefetch_factor} if self.cfg.num_workers > 0 else {}
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, **kwargs)
+        ledger = self._ledger_file()
+        try:
+            for batch in loader:
+                meta = batch.pop("__meta__")
+                self.stream_states[meta["stream"]] = meta["state"]
+                self.rotation = (meta["stream"] % self.workers_per_rank + 1) % self.workers_per_rank
+                for msg in meta["skips"]:
+                    log.warning("skipped: %s", msg)
+                self.skipped += len(meta["skips"])
+                if ledger is not None:
+                    ledger.write(json.dumps({"batch": self.batches, "keys": meta["keys"]}) + "\n")
+                    ledger.flush()
+                self.batches += 1
+                yield batch
+        finally:
+            if ledger is not None:
+                ledger.close()
+
+    def _ledger_file(self):
+        if not self.cfg.ledger:
+            return None
+        Path(self.cfg.ledger).mkdir(parents=True, exist_ok=True)
+        return open(Path(self.cfg.ledger) / f"rank{self.rank:05d}.jsonl", "a")
+
+    # -- position -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """This process's position: every one of its streams, as consumed."""
+        return {
+            "version": 1,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "workers_per_rank": self.workers_per_rank,
+            "rank": self.rank,
+            "rotation": self.rotation,
+            "batches": self.batches,
+            "skipped": self.skipped,
+            "sources": {n: [s.count for s in ss.shards] for n, ss in self.shardsets.items()},
+            "streams": {str(k): v for k, v in self.stream_states.items()},
+        }
+
+    def load_state_dict(self, states: dict | list[dict]) -> None:
+        """Resume from the states of all processes of the earlier run (one dict per rank; a single
+        dict is accepted for a one-process run)."""
+        from pipeline.resume import restore
+
+        restore(self, states if isinstance(states, list) else [states])
+
+
+def to_device(batch: dict, device) -> dict:
+    """Tensors (also inside nested dicts) moved to ``device``; other values untouched."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, dict):
+            out[k] = to_device(v, device)
+        else:
+            out[k] = v
+    return out

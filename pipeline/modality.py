@@ -1,0 +1,50 @@
+"""What every ``modalities/<name>.py`` provides, so the engine never asks which modality it holds.
+
+A modality turns a raw item into shard bytes (``encode``), shard bytes into a decoded item
+(``decode``), a decoded item into a per-sample tensor (``transform``: augmented when given a
+random generator, deterministic preprocessing otherwise) and a list of those into a batch
+(``collate``). Randomness always comes from the generator passed in, which the loader seeds from
+(seed, epoch, sample key): a sample looks the same whatever the number of workers or processes,
+and after a resume.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, ClassVar
+
+from pipeline.config import Config
+
+
+class ModalityConfig(Config):
+    """Base of each modality's settings (``modalities: {image: {...}}`` in a recipe)."""
+
+
+class Modality:
+    name: ClassVar[str]
+    #: shard keys holding this modality, in order of preference when a sample has several
+    extensions: ClassVar[tuple[str, ...]]
+    Config: ClassVar[type[ModalityConfig]]
+
+    def __init__(self, cfg: ModalityConfig | None = None):
+        self.cfg = cfg if cfg is not None else self.Config()
+
+    def encode(self, value: Any) -> tuple[str, bytes]:
+        """A raw item (file path, bytes, array, PIL image, str …) → (shard key, bytes)."""
+        raise NotImplementedError
+
+    def decode(self, data: bytes, ext: str) -> Any:
+        """Shard bytes → decoded item; raises ``ValueError`` saying what is wrong with the bytes."""
+        raise NotImplementedError
+
+    def transform(self, item: Any, rng: random.Random | None) -> Any:
+        """Decoded item → per-sample tensor; augmented iff ``rng`` is given."""
+        raise NotImplementedError
+
+    def collate(self, items: list) -> Any:
+        """Per-sample tensors → batch (a tensor, or a dict of tensors)."""
+        raise NotImplementedError
+
+    def pick(self, sample: dict) -> str | None:
+        """The shard key of this modality present in ``sample``, or None."""
+        return next((ext for ext in self.extensions if ext in sample), None)

@@ -1,0 +1,132 @@
+"""Recipe → stages in order, each into ``<runs>/<recipe name>/<stage name>/``.
+
+A stage is skipped when its ``done.json`` holds the hash of its current settings, the recipe's
+sources and modality settings, the content of its declared inputs and the hashes of every stage
+before it. A stage without ``done.json`` is run again in the same directory; stages that
+checkpoint continue from there. When the settings changed, the stale directory is cleared first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field
+
+from pipeline import registry
+from pipeline.config import Config, ConfigError, apply_overrides, build, dump, load_yaml
+from pipeline.data import SourceConfig
+from pipeline.stage import Context
+
+log = logging.getLogger("selfsup")
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "starter.yaml"
+
+
+class Recipe(Config):
+    name: str
+    seed: int = 0
+    sources: dict[str, SourceConfig] = Field(default_factory=dict)
+    #: per-modality settings, validated by each modality's Config
+    modalities: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: ordered stages: ``{name: ..., stage: <stage type, default = name>, <settings>...}``
+    stages: list[dict[str, Any]]
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, dict]:
+    data = apply_overrides(load_yaml(path), list(overrides))
+    recipe = build(Recipe, data, str(path))
+    modalities = {
+        name: build(registry.modality(name).Config, settings, f"{path}: modalities.{name}")
+        for name, settings in recipe.modalities.items()
+    }
+    names = [s.get("name") for s in recipe.stages]
+    for i, entry in enumerate(recipe.stages):
+        if not entry.get("name"):
+            raise ConfigError(f"{path}: stages[{i}]: missing 'name'")
+        if names.count(entry["name"]) > 1:
+            raise ConfigError(f"{path}: stages: name {entry['name']!r} is used twice")
+    return recipe, modalities
+
+
+def stage_config(entry: dict, where: str):
+    kind = entry.get("stage", entry["name"])
+    module = registry.module("stage", kind)
+    settings = {k: v for k, v in entry.items() if k not in ("name", "stage")}
+    return module, build(module.Config, settings, f"{where}: stages.{entry['name']} ({kind})")
+
+
+def run_recipe(path: str | Path, overrides: list[str] = (), runs: str | Path = "runs",
+               only: list[str] | None = None, force: bool = False, progress: bool = True) -> Path:
+    path = Path(path)
+    recipe, modalities = load_recipe(path, overrides)
+    run_dir = Path(runs) / recipe.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = {**dump(recipe), "modalities": {k: dump(v) for k, v in modalities.items()}}
+    _write(run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    planned = [(entry, *stage_config(entry, str(path))) for entry in recipe.stages]  # all errors before any work
+    unknown = sorted(set(only or ()) - {e["name"] for e, _, _ in planned})
+    if unknown:
+        raise ConfigError(f"--only: no stage named {unknown[0]!r} in {path}")
+    chain = hashlib.sha256(json.dumps({"sources": resolved["sources"], "modalities": resolved["modalities"],
+                                       "seed": recipe.seed}, sort_keys=True).encode()).hexdigest()
+    for entry, module, cfg in planned:
+        ctx = Context(out_dir=run_dir / entry["name"], base_dir=path.resolve().parent, sources=recipe.sources,
+                      modalities=modalities, seed=recipe.seed, run_dir=run_dir.resolve(), progress=progress)
+        inputs = module.inputs(cfg, ctx) if hasattr(module, "inputs") else []
+        chain = _hash(chain, entry.get("stage", entry["name"]), dump(cfg), [fingerprint(Path(p)) for p in inputs])
+        if only and entry["name"] not in only:
+            continue
+        run_stage(module, cfg, ctx, chain, force)
+    return run_dir
+
+
+def run_stage(module, cfg, ctx: Context, digest: str, force: bool = False, clear: bool = True) -> dict:
+    """Run one stage into ``ctx.out_dir`` unless up to date; ``clear=False`` never deletes files there."""
+    done_file, started = ctx.out_dir / "done.json", ctx.out_dir / "stage.json"
+    if not force and done_file.is_file() and json.loads(done_file.read_text()).get("hash") == digest:
+        log.info("%s: up to date, skipped", ctx.out_dir.name)
+        return json.loads(done_file.read_text())["summary"]
+    if clear and ctx.out_dir.exists() and (force or not started.is_file() or json.loads(started.read_text()).get("hash") != digest):
+        shutil.rmtree(ctx.out_dir)  # settings changed (or forced): earlier partial work is stale
+    elif started.is_file() and not done_file.is_file():
+        log.info("%s: continuing an interrupted run", ctx.out_dir.name)
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    _write(started, json.dumps({"hash": digest, "started": time.time()}))
+    _write(ctx.out_dir / "config.yaml", yaml.safe_dump(dump(cfg), sort_keys=False))
+    log.info("%s: running", ctx.out_dir.name)
+    t0 = time.time()
+    summary = module.run(cfg, ctx) or {}
+    _write(done_file, json.dumps({"hash": digest, "seconds": round(time.time() - t0, 2), "summary": summary},
+                                 indent=1, default=str))
+    return summary
+
+
+def fingerprint(path: Path) -> str:
+    """Content hash of an input: a file's bytes, a shard folder's manifest, or a folder's listing."""
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.stat().st_size < 1 << 26 else \
+            f"{path.stat().st_size}:{path.stat().st_mtime_ns}"
+    if (path / "manifest.json").is_file():
+        return fingerprint(path / "manifest.json")
+    if path.is_dir():
+        return _hash(*sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                             for p in path.rglob("*") if p.is_file()))
+    return "missing"
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,343 @@
+"""Webdataset tar shards on disk: resolving a shard spec into files with sample counts, reading
+samples by position, writing shards in parallel with ``webdataset.ShardWriter``, and the manifest.
+
+A sample is a dict ``{"__key__": str, "<ext>": bytes, ...}`` exactly as webdataset and img2dataset
+lay it out (tar members ``<key>.<ext>``). ``manifest.json`` beside the shards records, per shard,
+its file name, sample count, the keys present and the sha256 of the file.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from pipeline.config import ConfigError
+
+MANIFEST = "manifest.json"
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be read as promised; the message names the shard and the sample key."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str
+    count: int
+    sha256: str | None = None
+    keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """An ordered list of shards with their sample counts (from the manifest, or counted once)."""
+
+    shards: tuple[Shard, ...]
+    manifest: str | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a-{000..002}.tar`` → three names, zero padding kept (the webdataset / img2dataset notation)."""
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+def open_shards(spec: str | Path | Sequence[str | Path], base: Path | None = None) -> ShardSet:
+    """Resolve a directory holding ``manifest.json``, a manifest path, a brace pattern, a glob or a
+    list of those into a ``ShardSet``. Shards without a manifest are counted by reading tar headers."""
+    if isinstance(spec, (list, tuple)):
+        parts = [open_shards(s, base) for s in spec]
+        return ShardSet(tuple(s for p in parts for s in p.shards))
+    path = Path(spec) if base is None or Path(spec).is_absolute() else base / spec
+    if path.is_dir() and (path / MANIFEST).is_file():
+        path = path / MANIFEST
+    if path.name == MANIFEST:
+        return read_manifest(path)
+    if path.is_dir():
+        files = sorted(str(p) for p in path.iterdir() if p.name.endswith(TAR_SUFFIXES))
+    else:
+        files = [f for pat in expand_braces(str(path)) for f in (sorted(glob.glob(pat)) or [pat])]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing or not files:
+        raise ConfigError(f"shards {spec!s}: {'no such file ' + missing[0] if missing else 'no tar files found'}")
+    return ShardSet(tuple(Shard(f, count_samples(f)) for f in files))
+
+
+def read_manifest(path: Path) -> ShardSet:
+    try:
+        data = json.loads(path.read_text())
+        shards = tuple(
+            Shard(str(path.parent / s["path"]), int(s["count"]), s.get("sha256"), tuple(s.get("keys", ())))
+            for s in data["shards"]
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a valid shard manifest ({type(e).__name__}: {e})") from None
+    return ShardSet(shards, manifest=str(path))
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """``dir/abc.seg.png`` → (``dir/abc``, ``seg.png``): the key ends at the first dot of the basename."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext
+
+
+class _TarStream:
+    """Sequential reader of tar members (USTAR, GNU long names, PAX paths), with header checksums.
+
+    ``tarfile`` parses every header field through generic machinery; a shard reader needs only
+    name, size and type, so this costs a few microseconds per member instead of tens."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.raw = open(path, "rb")
+        magic = self.raw.read(2)
+        self.raw.seek(0)
+        self.f = gzip.GzipFile(fileobj=self.raw) if magic == b"\x1f\x8b" else self.raw
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def _read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) < n:
+            raise ShardError("truncated")
+        return data
+
+    def members(self) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
+        """Yield (name, size, read) per regular file; ``read()`` must be called before advancing
+        or the data is skipped."""
+        long_name = None
+        while True:
+            header = self.f.read(512)
+            if len(header) < 512:
+                raise ShardError("truncated (no end-of-archive marker)")
+            if header.count(0) == 512:
+                return
+            if sum(header) - sum(header[148:156]) + 256 != _octal(header[148:156]):
+                raise ShardError("corrupt tar header (checksum mismatch)")
+            size = _octal(header[124:136])
+            kind = header[156:157]
+            padded = (size + 511) & ~511
+            if kind in (b"L", b"x"):  # GNU long name / PAX extended header: the name of the next member
+                meta = self._read(padded)[:size]
+                long_name = meta.rstrip(b"\0").decode() if kind == b"L" else _pax_path(meta) or long_name
+                continue
+            name = long_name or _ustar_name(header)
+            long_name = None
+            if kind not in (b"0", b"\0", b"7"):
+                self._skip(padded)
+                continue
+            done = False
+
+            def read(size=size, padded=padded) -> bytes:
+                nonlocal done
+                done = True
+                data = self._read(padded)
+                return data[:size]
+
+            yield name, size, read
+            if not done:
+                self._skip(padded)
+
+    def _skip(self, n: int) -> None:
+        if n and self.f is self.raw:
+            self.raw.seek(n, 1)
+        elif n:
+            self._read(n)
+
+
+def _octal(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256 for large sizes
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _ustar_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if prefix:
+            return f"{prefix}/{name}"
+    return name
+
+
+def _pax_path(meta: bytes) -> str | None:
+    for record in meta.split(b"\n"):
+        _, _, kv = record.partition(b" ")
+        if kv.startswith(b"path="):
+            return kv[5:].decode("utf-8", "replace")
+    return None
+
+
+def iter_samples(path: str, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any]]:
+    """Samples ``start..stop`` of one shard, in tar order, as ``{"__key__", "__index__", ext: bytes}``.
+    Samples before ``start`` are stepped over without reading their data."""
+    key, sample, index = None, {}, -1
+    stream = None
+    try:
+        stream = _TarStream(path)
+        for name, _, read in stream.members():
+            name_key, ext = _split_member(name)
+            if name_key != key:
+                if key is not None and index >= start:
+                    yield sample
+                key, index = name_key, index + 1
+                if stop is not None and index >= stop:
+                    return
+                sample = {"__key__": key, "__index__": index}
+            if index >= start:
+                sample[ext] = read()
+        if key is not None and index >= start and (stop is None or index < stop):
+            yield sample
+    except (ShardError, EOFError, zlib.error, OSError, ValueError) as e:
+        where = f"after sample {key!r}" if key else "at the start"
+        raise ShardError(f"{path}: unreadable tar {where}: {e}") from None
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+def count_samples(path: str) -> int:
+    """Number of samples in a shard, reading tar headers only."""
+    keys, last = 0, None
+    stream = None
+    try:
+        stream = _TarStream(path)
+        for name, _, _ in stream.members():
+            key = _split_member(name)[0]
+            keys += key != last
+            last = key
+    except (ShardError, EOFError, zlib.error, OSError, ValueError) as e:
+        raise ShardError(f"{path}: unreadable tar after sample {last!r}: {e}") from None
+    finally:
+        if stream is not None:
+            stream.close()
+    return keys
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+_SOURCE: Any = None  # the item source, inherited by forked writer processes (never pickled)
+_TO_SAMPLE: Callable | None = None
+
+
+def write_shards(
+    items: Sequence,
+    to_sample: Callable[[Any], dict],
+    out_dir: str | Path,
+    prefix: str = "shard",
+    max_count: int = 1000,
+    max_size: float = 1e9,
+    compress: bool = False,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Write ``to_sample(items[i])`` for every i into ``out_dir/<prefix>-NNNNNN.tar[.gz]`` and a
+    manifest. Work is split into chunks of ``max_count`` items written by ``workers`` processes;
+    shard numbering follows item order whatever the number of workers."""
+    global _SOURCE, _TO_SAMPLE
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(f"{prefix}-*"):
+        if old.name.endswith(TAR_SUFFIXES) or ".tmp" in old.name:
+            old.unlink()
+    n = len(items)
+    chunks = [(i, min(i + max_count, n), str(out), prefix, max_count, max_size, compress) for i in range(0, n, max_count)]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(chunks) or 1))
+    _SOURCE, _TO_SAMPLE = items, to_sample
+    suffix = ".tar.gz" if compress else ".tar"
+    entries: list[dict] = []
+    bar = tqdm(total=n, desc=f"shard {out.name}", unit="sample", disable=not progress, dynamic_ncols=True)
+    try:
+        if workers == 1:
+            results = map(_write_chunk, chunks)
+        else:
+            pool = mp.get_context("fork").Pool(workers)
+            results = pool.imap(_write_chunk, chunks)
+        for written in results:
+            for tmp, count, keys in written:
+                final = out / f"{prefix}-{len(entries):06d}{suffix}"
+                os.replace(tmp, final)
+                entries.append({"path": final.name, "count": count, "keys": keys, "sha256": sha256_file(final)})
+                bar.update(count)
+        if workers > 1:
+            pool.close()
+            pool.join()
+    finally:
+        bar.close()
+        _SOURCE = _TO_SAMPLE = None
+    manifest = {"format": "webdataset", "total": sum(e["count"] for e in entries), "shards": entries}
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def _write_chunk(args) -> list[tuple[str, int, list[str]]]:
+    """Write items ``lo..hi`` (one chunk) into temporary shards; returns (path, count, keys) each."""
+    import webdataset as wds
+
+    lo, hi, out, prefix, max_count, max_size, compress = args
+    pattern = f"{out}/{prefix}-c{lo:09d}-%03d.tmp"
+    written: list[tuple[str, int, set]] = []
+    # Plain tar first, gzip afterwards: tarfile's gzip stream stamps the current time into the
+    # header, which would make identical data produce different bytes (and sha256s) per run.
+    writer = wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_size, verbose=0,
+                             encoder=False, mtime=0)
+    try:
+        for i in range(lo, hi):
+            sample = _TO_SAMPLE(_SOURCE[i])
+            before = writer.fname
+            writer.write(sample)
+            if not written or writer.fname != before or writer.count == 1:
+                written.append((writer.fname, 0, set()))
+            fname, count, keys = written[-1]
+            written[-1] = (fname, count + 1, keys | {k for k in sample if not k.startswith("_")})
+    finally:
+        writer.close()
+    # ShardWriter opens its first file eagerly; a chunk never ends empty, so every file is counted.
+    if compress:
+        for f, _, _ in written:
+            _gzip_in_place(f)
+    return [(f, c, sorted(k)) for f, c, k in written]
+
+
+def _gzip_in_place(path: str) -> None:
+    """Compress ``path`` with a fixed header (no name, mtime 0) so output is byte-reproducible."""
+    tmp = path + ".gz"
+    with open(path, "rb") as src, open(tmp, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as dst:
+            while block := src.read(1 << 20):
+                dst.write(block)
+    os.replace(tmp, path)

@@ -1,0 +1,58 @@
+"""The contract every ``stages/<name>.py`` fulfils, and what a stage is handed when it runs.
+
+A stage module defines ``Config`` (a ``StageConfig``) and ``run(cfg, ctx) -> dict``; the dict is a
+short summary stored in the stage's ``done.json``. Optional: ``positional`` (config fields taken
+as positional command-line arguments) and ``inputs(cfg, ctx) -> list[str]`` (files whose content
+decides whether the stage must run again). Stages are thin: they wire configs to the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, ConfigError
+
+
+class StageConfig(Config):
+    """Base of every stage's settings."""
+
+
+@dataclass
+class Context:
+    """What a running stage may use besides its own config."""
+
+    #: directory owned by this stage: outputs, checkpoints, ``done.json``
+    out_dir: Path
+    #: relative paths in configs are resolved against this (the recipe's directory, or the cwd)
+    base_dir: Path = field(default_factory=Path.cwd)
+    #: the recipe's named sources (``pipeline.data.SourceConfig``), modality settings and seed
+    sources: dict[str, Any] = field(default_factory=dict)
+    modalities: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    #: the run directory holding every stage of the recipe
+    run_dir: Path | None = None
+    progress: bool = True
+
+    @property
+    def log(self) -> logging.Logger:
+        return logging.getLogger(f"selfsup.{self.out_dir.name}")
+
+    def path(self, value: str | Path) -> Path:
+        """A config path: ``{run}`` expands to the run directory, relative paths to ``base_dir``."""
+        text = str(value)
+        if "{run}" in text:
+            if self.run_dir is None:
+                raise ConfigError(f"{text}: '{{run}}' only has a meaning inside a recipe run")
+            text = text.replace("{run}", str(self.run_dir))
+        p = Path(text)
+        return p if p.is_absolute() else self.base_dir / p
+
+    def source(self, name: str):
+        if name not in self.sources:
+            from pipeline.config import _suggest
+
+            raise ConfigError(f"source {name!r} is not defined in the recipe{_suggest(name, list(self.sources))}")
+        return self.sources[name]
