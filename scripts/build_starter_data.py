@@ -1,0 +1,447 @@
+"""Build the small starter data sets under ``data/starter/`` as webdataset shards.
+
+Every split directory holds gzip-compressed tar shards and a ``manifest.json`` written by
+``pipeline.shards.write_shards``, so they are exactly what the pipeline reads. Sources, all local:
+
+* ``fmnist``  Fashion-MNIST IDX files of the Debian package ``dataset-fashion-mnist``
+  (``png`` 28x28 grayscale, ``cls``, ``json``).
+* ``emoji``   Google (Noto) emoji images and names from the npm package
+  ``emoji-datasource-google`` (``png`` RGB, ``txt`` caption, ``cls`` category, ``json``).
+* ``wordnet`` WordNet 3.0 synset glosses from ``wordnet-base`` (``txt``, ``cls`` lexicographer
+  file, ``json``).
+* ``kjv``     King James Bible verses printed by ``bible`` of ``bible-kjv`` (``txt``, ``json``).
+* ``speech``  short English words spoken by ``espeak-ng`` in several voices, speeds and pitches,
+  16 kHz mono (``flac``, ``txt``, ``cls``, ``json``); three voices appear only in ``test``.
+
+Run ``bash scripts/build_starter_data.sh`` to install the packages and rebuild everything;
+``SOURCES.md`` in the output directory is rewritten with the counts of the build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import math
+import random
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline import registry
+from pipeline.shards import iter_samples, open_shards, write_shards
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+WORDNET_DIR = Path("/usr/share/wordnet")
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+#: lexicographer file names by number, as in lexnames(5WN)
+LEXNAMES = [
+    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
+    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event",
+    "noun.feeling", "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object",
+    "noun.person", "noun.phenomenon", "noun.plant", "noun.possession", "noun.process",
+    "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
+    "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition",
+    "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion",
+    "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather", "adj.ppl",
+]
+WORDNET_POS = ["noun", "verb", "adj", "adv"]
+
+SPEECH_WORDS = sorted([
+    "top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot",
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    "yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go",
+    "cat", "dog", "bird", "tree", "house", "water", "fire", "red", "green", "blue",
+    "happy", "bed", "sun", "moon", "book", "fish", "hand", "car", "apple", "wow",
+])
+TRAIN_VOICES = ["en-us", "en-us+m3", "en-us+f2", "en-us+klatt", "en-gb", "en-gb+m2", "en-gb+f3",
+                "en-gb+m7", "en-gb-x-rp+m4", "en-gb-x-rp+f1", "en-gb-x-gbclan+m1", "en-gb-x-gbcwmd+f5"]
+#: accents and variants that never occur in the training voices
+TEST_VOICES = ["en-gb-scotland+m5", "en-029+f4", "en-us-nyc+klatt3"]
+SPEEDS = [130, 160, 190]
+PITCHES = [35, 50, 65]
+SPEECH_TRAIN_PER_WORD = 30
+SPEECH_TEST_PER_WORD = 8
+SAMPLE_RATE = 16000
+
+
+def stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def is_test(key: str, fraction: float) -> bool:
+    return stable_hash(key) % 10_000 < fraction * 10_000
+
+
+def mixed(items: list[dict]) -> list[dict]:
+    """Items in a fixed pseudo-random order, so every shard holds a mix of classes."""
+    return sorted(items, key=lambda it: stable_hash(it["__key__"]))
+
+
+def as_bytes(sample: dict) -> dict:
+    """Encode the ``str`` / ``int`` / ``dict`` fields of a sample as the bytes a shard stores."""
+    out = {"__key__": sample["__key__"]}
+    for ext, value in sample.items():
+        if ext == "__key__":
+            continue
+        if isinstance(value, dict):
+            value = json.dumps(value, ensure_ascii=False)
+        if isinstance(value, (int, str)):
+            value = str(value).encode("utf-8")
+        out[ext] = value
+    return out
+
+
+def write_split(out: Path, split: str, items, to_sample, per_shard: int) -> dict:
+    return write_shards(items, to_sample, out / split, prefix=split, max_count=per_shard,
+                        compress=True, workers=2, progress=True)
+
+
+def write_splits(out: Path, splits: dict[str, list[dict]], to_sample=as_bytes, min_shards: int = 8) -> dict:
+    """Write each split with the same shard size, chosen so ``train`` has ``min_shards`` shards."""
+    per_shard = math.ceil(len(splits["train"]) / min_shards)
+    return {name: write_split(out, name, items, to_sample, per_shard) for name, items in splits.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (big-endian header: zero, type code, rank, dimensions) as a uint8 array."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if data[2] != 0x08:
+        raise ValueError(f"{path}: IDX type {data[2]:#x}, expected unsigned bytes")
+    rank = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(rank))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(shape)
+
+
+def balanced_subset(labels: np.ndarray, limit: int) -> np.ndarray:
+    """The first ``limit // classes`` indices of every class, in their original order."""
+    classes = np.unique(labels)
+    if limit >= len(labels):
+        return np.arange(len(labels))
+    per_class = limit // len(classes)
+    keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes])
+    return np.sort(keep)
+
+
+def build_fmnist(out: Path, train_limit: int) -> dict:
+    enc = registry.modality("image")(registry.modality("image").Config(channels=1))
+    manifests = {}
+    for split, stem in (("train", "train"), ("test", "t10k")):
+        images = read_idx(FMNIST_DIR / f"{stem}-images-idx3-ubyte.gz")
+        labels = read_idx(FMNIST_DIR / f"{stem}-labels-idx1-ubyte.gz")
+        keep = balanced_subset(labels, train_limit) if split == "train" else np.arange(len(labels))
+
+        def to_sample(i, images=images, labels=labels, split=split):
+            label = int(labels[i])
+            ext, png = enc.encode(images[i])
+            return as_bytes({"__key__": f"fmnist_{split}_{i:05d}", ext: png, "cls": label,
+                             "json": {"label": FMNIST_CLASSES[label]}})
+
+        manifests[split] = write_split(out, split, keep.tolist(), to_sample, per_shard=5000)
+    return manifests
+
+
+# ---------------------------------------------------------------------------------------------
+# Emoji
+
+
+def read_emoji_package(tarball: Path) -> tuple[list[dict], dict[str, bytes], dict]:
+    """``emoji.json``, the 64 px Google images by file name, and ``package.json`` of the tarball."""
+    images: dict[str, bytes] = {}
+    meta: dict[str, bytes] = {}
+    prefix = "package/img/google/64/"
+    with tarfile.open(tarball, "r:gz") as tar:
+        for member in tar:
+            if member.isfile() and member.name.startswith(prefix):
+                images[member.name[len(prefix):]] = tar.extractfile(member).read()
+            elif member.name in ("package/emoji.json", "package/package.json"):
+                meta[member.name] = tar.extractfile(member).read()
+    return json.loads(meta["package/emoji.json"]), images, json.loads(meta["package/package.json"])
+
+
+def emoji_image(png: bytes, size: int) -> Image.Image:
+    rgba = Image.open(io.BytesIO(png)).convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB").resize((size, size), Image.LANCZOS)
+
+
+def emoji_caption(entry: dict) -> str:
+    if entry.get("name"):
+        return entry["name"].lower()
+    return entry["short_name"].replace("_", " ")
+
+
+def build_emoji(out: Path, tarball: Path, size: int) -> tuple[dict, list[str], str]:
+    entries, images, package = read_emoji_package(tarball)
+    entries = [e for e in entries if e.get("has_img_google") and e["image"] in images
+               and e["category"] != "Component"]
+    categories = sorted({e["category"] for e in entries})
+    enc = registry.modality("image")()
+    splits: dict[str, list[dict]] = {"train": [], "test": []}
+    for e in entries:
+        split = "test" if is_test(e["unified"], 0.15) else "train"
+        splits[split].append({"__key__": "emoji_" + e["unified"].lower(), "entry": e})
+
+    def to_sample(item):
+        e = item["entry"]
+        ext, png = enc.encode(emoji_image(images[e["image"]], size))
+        info = {k: e.get(k) for k in ("name", "short_name", "category", "subcategory", "unified")}
+        return as_bytes({"__key__": item["__key__"], ext: png, "txt": emoji_caption(e),
+                         "cls": categories.index(e["category"]), "json": info})
+
+    manifests = write_splits(out, {k: mixed(v) for k, v in splits.items()}, to_sample)
+    return manifests, categories, package["version"]
+
+
+# ---------------------------------------------------------------------------------------------
+# WordNet
+
+
+def parse_synset(line: str, pos: str) -> dict:
+    """One line of ``data.<pos>``: offset, lex_filenum, ss_type, w_cnt (hex), word/lex_id pairs,
+    pointers and, after `` | ``, the gloss."""
+    head, _, gloss = line.partition(" | ")
+    fields = head.split()
+    offset, lex_filenum, count = fields[0], int(fields[1]), int(fields[3], 16)
+    words = [w.split("(")[0].replace("_", " ") for w in fields[4: 4 + 2 * count: 2]]
+    return {"__key__": f"wn_{pos}_{offset}", "txt": f"{', '.join(words)}: {gloss.strip()}",
+            "cls": lex_filenum, "json": {"lexname": LEXNAMES[lex_filenum], "pos": pos}}
+
+
+def read_synsets() -> list[dict]:
+    synsets = []
+    for pos in WORDNET_POS:
+        with open(WORDNET_DIR / f"data.{pos}", encoding="utf-8") as f:
+            synsets += [parse_synset(line, pos) for line in f if line.strip() and not line.startswith("  ")]
+    return synsets
+
+
+def build_wordnet(out: Path, per_class: int) -> dict:
+    """At most ``per_class`` synsets of every lexicographer file (a fixed hash-ordered pick)."""
+    by_class: dict[int, list[dict]] = {}
+    for synset in read_synsets():
+        by_class.setdefault(synset["cls"], []).append(synset)
+    splits: dict[str, list[dict]] = {"train": [], "test": []}
+    for synsets in by_class.values():
+        for synset in sorted(synsets, key=lambda s: stable_hash("pick " + s["__key__"]))[:per_class]:
+            splits["test" if is_test(synset["__key__"], 0.10) else "train"].append(synset)
+    return write_splits(out, {k: mixed(v) for k, v in splits.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# King James Bible
+
+
+def build_kjv(out: Path) -> dict:
+    """One sample per verse; every 50th verse goes to ``test``."""
+    text = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], check=True, capture_output=True,
+                          text=True).stdout
+    splits: dict[str, list[dict]] = {"train": [], "test": []}
+    for i, line in enumerate(v for v in text.splitlines() if v.strip()):
+        ref, _, verse = line.partition(" ")
+        sample = {"__key__": f"kjv_{i:05d}", "txt": verse.strip(), "json": {"ref": ref}}
+        splits["test" if i % 50 == 49 else "train"].append(sample)
+    return write_splits(out, splits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speech
+
+
+def speech_jobs() -> list[tuple[str, str, int, int, str]]:
+    """(word, voice, speed, pitch, split): a fixed random draw of the voice/speed/pitch grid per word."""
+    jobs = []
+    for word in SPEECH_WORDS:
+        rng = random.Random(stable_hash(word))
+        for split, voices, n in (("train", TRAIN_VOICES, SPEECH_TRAIN_PER_WORD),
+                                 ("test", TEST_VOICES, SPEECH_TEST_PER_WORD)):
+            grid = [(v, s, p) for v in voices for s in SPEEDS for p in PITCHES]
+            jobs += [(word, v, s, p, split) for v, s, p in rng.sample(grid, n)]
+    return jobs
+
+
+def trim_silence(wave: np.ndarray, sr: int, below_peak_db: float = 40.0, pad_s: float = 0.02) -> np.ndarray:
+    threshold = np.abs(wave).max() * 10 ** (-below_peak_db / 20)
+    loud = np.flatnonzero(np.abs(wave) > threshold)
+    if loud.size == 0:
+        return wave
+    pad = int(pad_s * sr)
+    return wave[max(0, loud[0] - pad): loud[-1] + pad + 1]
+
+
+def render(job: tuple[str, str, int, int, str], tmp: Path) -> np.ndarray:
+    """Speak one word with espeak-ng; mono float32 at ``SAMPLE_RATE``, silence trimmed."""
+    import soundfile as sf
+    import torch
+    import torchaudio.functional as AF
+
+    word, voice, speed, pitch, _ = job
+    wav = tmp / f"{word}_{voice}_{speed}_{pitch}.wav"
+    subprocess.run(["espeak-ng", "-w", str(wav), "-v", voice, "-s", str(speed), "-p", str(pitch), word],
+                   check=True, capture_output=True)
+    wave, sr = sf.read(wav, dtype="float32", always_2d=True)
+    wav.unlink()
+    wave = trim_silence(wave.mean(axis=1), sr)
+    return AF.resample(torch.from_numpy(wave), sr, SAMPLE_RATE).numpy()
+
+
+def build_speech(out: Path, jobs_n: int) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    jobs = speech_jobs()
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs_n) as pool:
+        waves = list(pool.map(lambda j: render(j, Path(tmp)), jobs))
+    enc = registry.modality("audio")()
+    splits: dict[str, list[dict]] = {"train": [], "test": []}
+    for (word, voice, speed, pitch, split), wave in zip(jobs, waves):
+        key = f"speech_{word}_{voice}_{speed}_{pitch}".replace("+", "_")
+        ext, flac = enc.encode((wave, SAMPLE_RATE))
+        splits[split].append({"__key__": key, ext: flac, "txt": word, "cls": SPEECH_WORDS.index(word),
+                              "json": {"word": word, "voice": voice, "speed": speed, "pitch": pitch}})
+    return write_splits(out, {k: mixed(v) for k, v in splits.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# SOURCES.md, verification, entry point
+
+
+def deb_version(package: str) -> str:
+    return subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True,
+                          text=True).stdout.strip() or "unknown"
+
+
+def split_lines(manifests: dict) -> list[str]:
+    return [f"- `{split}/`: {m['total']} samples in {len(m['shards'])} shards" for split, m in manifests.items()]
+
+
+def numbered(names: list[str]) -> str:
+    return ", ".join(f"{i} {name}" for i, name in enumerate(names))
+
+
+def source_sections(built: dict, wordnet_per_class: int) -> list[list[str]]:
+    emoji_manifests, categories, emoji_version = built["emoji"]
+    fmnist_per_class = built["fmnist"]["train"]["total"] // len(FMNIST_CLASSES)
+    return [
+        ["## fmnist",
+         f"Fashion-MNIST, Debian package `dataset-fashion-mnist` {deb_version('dataset-fashion-mnist')}. "
+         f"Train holds the first {fmnist_per_class} images of each class of the 60000; test is complete.",
+         "Licence: MIT (Expat), Copyright 2017 Zalando SE; full text in `fmnist/COPYRIGHT`.",
+         *split_lines(built["fmnist"]),
+         "Keys: `png` (28x28 grayscale), `cls`, `json` {label}.",
+         f"Labels: {numbered(FMNIST_CLASSES)}."],
+        ["## emoji",
+         f"npm package `emoji-datasource-google` {emoji_version}, `img/google/64` and `emoji.json`; composited "
+         "on white, resized with Lanczos. Category `Component` is left out; test is ~15 % by hash of `unified`.",
+         "Licence: images are Google Noto Emoji, Apache-2.0 (per the package README); "
+         "the emoji.json data is MIT (`emoji/LICENSE`).",
+         *split_lines(emoji_manifests),
+         "Keys: `png` (RGB), `txt` (lower-cased name), `cls` (category), "
+         "`json` {name, short_name, category, subcategory, unified}.",
+         f"Labels: {numbered(categories)}."],
+        ["## wordnet",
+         f"WordNet 3.0 glosses, Debian package `wordnet-base` {deb_version('wordnet-base')}, "
+         f"`data.{{noun,verb,adj,adv}}`; at most {wordnet_per_class} synsets per lexicographer file "
+         "(a fixed pick by hash), test is ~10 % of those by hash of the synset.",
+         "Licence: WordNet 3.0 licence (permissive). WordNet 3.0 Copyright 2006 by Princeton University. "
+         "All rights reserved. Full licence text and disclaimer in `wordnet/COPYRIGHT`.",
+         *split_lines(built["wordnet"]),
+         "Keys: `txt` (\"word1, word2: gloss\"), `cls` (lexicographer file number), `json` {lexname, pos}.",
+         f"Labels: {numbered(LEXNAMES)}."],
+        ["## kjv",
+         f"King James Version, Debian package `bible-kjv` {deb_version('bible-kjv')}, one sample per verse "
+         "of `bible -f Gen1:1-Rev22:21`; every 50th verse is in `test/`.",
+         "Licence: the text is in the public domain.",
+         *split_lines(built["kjv"]),
+         "Keys: `txt` (verse), `json` {ref} (reference as `bible` prints it, e.g. `Ge1:1`)."],
+        ["## speech",
+         f"Single English words rendered with `espeak-ng` {deb_version('espeak-ng')}, trimmed, 16 kHz mono. "
+         f"Train voices: {', '.join(TRAIN_VOICES)}. Test-only voices: {', '.join(TEST_VOICES)}. "
+         f"Speeds {SPEEDS}, pitches {PITCHES}; {SPEECH_TRAIN_PER_WORD} train and "
+         f"{SPEECH_TEST_PER_WORD} test renders per word.",
+         "Licence: espeak-ng is GPL-3.0-or-later; the clips are its synthesized output of common words.",
+         *split_lines(built["speech"]),
+         "Keys: `flac`, `txt` (the word), `cls`, `json` {word, voice, speed, pitch}.",
+         f"Labels: {numbered(SPEECH_WORDS)}."],
+    ]
+
+
+def write_sources(out: Path, built: dict, wordnet_per_class: int) -> None:
+    head = ["# Starter data", "",
+            "Webdataset shards (`.tar.gz`) with a `manifest.json` per split directory.",
+            "Rebuild: `bash scripts/build_starter_data.sh`"]
+    body = ["\n".join(section) for section in source_sections(built, wordnet_per_class)]
+    (out / "SOURCES.md").write_text("\n\n".join(["\n".join(head), *body]) + "\n")
+
+
+def copy_notices(out: Path, tarball: Path) -> None:
+    """Licence texts that must travel with copies of the data."""
+    for name, package in (("fmnist", "dataset-fashion-mnist"), ("wordnet", "wordnet-base")):
+        shutil.copyfile(f"/usr/share/doc/{package}/copyright", out / name / "COPYRIGHT")
+    with tarfile.open(tarball, "r:gz") as tar:
+        (out / "emoji" / "LICENSE").write_bytes(tar.extractfile("package/LICENSE").read())
+
+
+def verify(out: Path, samples: int = 3) -> None:
+    """Check manifest totals against the shards and decode the first samples of every split."""
+    decoders = {"png": registry.modality("image")(), "flac": registry.modality("audio")(),
+                "txt": registry.modality("text")()}
+    for manifest in sorted(out.glob("*/*/manifest.json")):
+        split = manifest.parent
+        total = json.loads(manifest.read_text())["total"]
+        shards = open_shards(split)
+        counted = sum(len(list(iter_samples(s.path))) for s in shards.shards)
+        if not total == shards.total == counted:
+            raise RuntimeError(f"{split}: manifest {total}, shards {shards.total}, counted {counted}")
+        for sample in iter_samples(shards.shards[0].path, 0, samples):
+            for ext, modality in decoders.items():
+                if ext in sample:
+                    modality.decode(sample[ext], ext)
+        print(f"ok {split.relative_to(out)}: {total} samples, {len(shards)} shards")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--emoji-tarball", type=Path, required=True,
+                    help="emoji-datasource-google-*.tgz made by npm pack")
+    ap.add_argument("--out", type=Path, default=Path("data/starter"))
+    ap.add_argument("--fmnist-train", type=int, default=30000, help="class-balanced cap on Fashion-MNIST train")
+    ap.add_argument("--wordnet-per-class", type=int, default=2000, help="cap on synsets per lexicographer file")
+    ap.add_argument("--emoji-size", type=int, default=32)
+    ap.add_argument("--jobs", type=int, default=2, help="parallel espeak-ng renders")
+    args = ap.parse_args()
+
+    steps = {"fmnist": lambda o: build_fmnist(o, args.fmnist_train),
+             "emoji": lambda o: build_emoji(o, args.emoji_tarball, args.emoji_size),
+             "wordnet": lambda o: build_wordnet(o, args.wordnet_per_class), "kjv": build_kjv,
+             "speech": lambda o: build_speech(o, args.jobs)}
+    built = {}
+    for name, step in steps.items():
+        if (args.out / name).exists():
+            shutil.rmtree(args.out / name)
+        start = time.perf_counter()
+        built[name] = step(args.out / name)
+        print(f"{name}: {time.perf_counter() - start:.1f} s")
+    write_sources(args.out, built, args.wordnet_per_class)
+    copy_notices(args.out, args.emoji_tarball)
+    verify(args.out)
+
+
+if __name__ == "__main__":
+    main()
