@@ -1,0 +1,48 @@
+"""Write webdataset shards from a folder, a jsonl manifest, a Hugging Face dataset or existing shards.
+
+    selfsup shard INPUT --out DIR [--max-count 1000] [--compress true] [--fields '{image: image, label: cls}']
+
+Output: ``DIR/<prefix>-NNNNNN.tar`` (img2dataset keys: jpg/png/webp, txt, json, cls, flac/wav) and
+``DIR/manifest.json`` (per shard: path, sample count, keys, sha256). Runs on every core.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from pipeline.shards import write_shards
+from pipeline.sources import SampleEncoder, open_source
+from pipeline.stage import Context, StageConfig
+
+positional = ("input",)
+
+
+class Config(StageConfig):
+    input: str = Field(description="folder, .jsonl file, saved HF dataset, or shards to re-shard")
+    format: str = Field("auto", description="auto | folder | jsonl | hf | shards")
+    split: str | None = Field(None, description="split of a saved HF DatasetDict")
+    fields: dict[str, str | None] | None = Field(
+        None, description="input field -> modality (image/text/audio), cls, json or a shard key; others dropped")
+    key_field: str | None = Field(None, description="input field holding a unique sample key (default: position)")
+    out: str | None = Field(None, description="output folder (default: the stage directory)")
+    prefix: str = Field("shard", description="shard file name prefix")
+    max_count: int = Field(1000, description="samples per shard")
+    max_size: float = Field(1e9, description="bytes per shard (approximate)")
+    compress: bool = Field(False, description="gzip each shard (.tar.gz)")
+    workers: int | None = Field(None, description="writer processes (default: all cores)")
+
+
+def inputs(cfg: Config, ctx: Context) -> list[str]:
+    return [str(ctx.path(cfg.input))]
+
+
+def run(cfg: Config, ctx: Context) -> dict:
+    source = open_source(ctx.path(cfg.input), cfg.format, cfg.split)
+    encoder = SampleEncoder(cfg.fields, ctx.modalities, cfg.key_field)
+    out = ctx.path(cfg.out) if cfg.out else ctx.out_dir
+    manifest = write_shards(source, encoder, out, prefix=cfg.prefix, max_count=cfg.max_count,
+                            max_size=cfg.max_size, compress=cfg.compress, workers=cfg.workers, progress=ctx.progress)
+    keys = sorted({k for s in manifest["shards"] for k in s["keys"]})
+    ctx.log.info("wrote %d samples in %d shards to %s (keys: %s)", manifest["total"], len(manifest["shards"]), out,
+                 ", ".join(keys))
+    return {"out": str(out), "samples": manifest["total"], "shards": len(manifest["shards"]), "keys": keys}
