@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,9 @@ class Modality(Base):
             img = Image.open(io.BytesIO(data))
             img.load()
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"cannot decode {ext}: {e}") from None
+            # PIL names its in-memory buffer ("<_io.BytesIO object at 0x…>"), which tells a reader nothing
+            reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+            raise ValueError(f"cannot decode {ext}: {reason}") from None
         return img if img.mode == self._mode else img.convert(self._mode)
 
     def transform(self, img: Image.Image, rng: random.Random | None) -> torch.Tensor:

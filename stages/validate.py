@@ -15,7 +15,6 @@ import glob
 import json
 import multiprocessing as mp
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,13 +215,8 @@ def check_sample(sample: dict, decode: bool, mods: dict, unchecked: set[str]) ->
                 unchecked.add(ext)
         except Exception as e:  # noqa: BLE001 - a decoder's failure on bad bytes is a finding, whatever its type
             kind = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "
-            problems.append(f"{ext}: {kind}{_tidy(e)}")
+            problems.append(f"{ext}: {kind}{e}")
     return problems
-
-
-def _tidy(error: Exception) -> str:
-    """PIL names the in-memory buffer it read (``<_io.BytesIO object at 0x…>``), which tells a reader nothing."""
-    return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
 
 
 def _missing(group: set[str], keys: list[str]) -> str:
