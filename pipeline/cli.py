@@ -22,13 +22,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that names the closest valid option when a flag is misspelt."""
+    """argparse that names the closest valid option when a flag is misspelt (and takes no
+    abbreviations, which would let a typo silently select another option)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         if message.startswith("unrecognized arguments:"):
             import difflib
 
-            valid = _options(self, sys.argv[1:2])
+            valid = _options(self, getattr(self, "command", []))
             bad = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("--")]
             close = difflib.get_close_matches(bad[0], valid, n=1) if bad else []
             if close:
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stages = registry.names("stage")
     parser = _Parser(prog="selfsup", description=__doc__.split("\n\n")[0])
+    parser.command = argv[:1]  # which subcommand's options a misspelt flag is compared with
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run a recipe (default: the starter recipe)")
     run.add_argument("recipe", nargs="?", help="recipe YAML (default: recipes/starter.yaml)")

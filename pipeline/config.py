@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -107,7 +107,9 @@ def build(cls: type[Config], data: dict, where: str) -> Config:
 
 
 def explain(error: ValidationError, cls: type[BaseModel], where: str) -> str:
-    err = error.errors()[0]
+    errors = error.errors()
+    # a misspelt key is also a missing one; the unknown key is the message that helps
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = [str(x) for x in err["loc"]]
     key = ".".join(loc)
     if err["type"] == "extra_forbidden":
@@ -119,15 +121,21 @@ def explain(error: ValidationError, cls: type[BaseModel], where: str) -> str:
 
 
 def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the model found by walking ``loc`` through nested models."""
+    """Field names of the model found by walking ``loc`` through nested models (and the keys
+    of ``dict[str, Model]`` fields, which name no field)."""
     model: Any = cls
+    in_mapping = False
     for part in loc:
         if isinstance(part, int) or model is None:
             continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
+            if in_mapping:  # a user-chosen key of a dict of models, e.g. a source's name
+                in_mapping = False
+                continue
             return []
         model = _model_of(field.annotation)
+        in_mapping = get_origin(field.annotation) is dict
     return list(getattr(model, "model_fields", {}))
 
 

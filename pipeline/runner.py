@@ -43,22 +43,29 @@ class Recipe(Config):
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, dict]:
     data = apply_overrides(load_yaml(path), list(overrides))
     recipe = build(Recipe, data, str(path))
-    modalities = {
-        name: build(registry.modality(name).Config, settings, f"{path}: modalities.{name}")
-        for name, settings in recipe.modalities.items()
-    }
+    modalities = {}
+    for name, settings in recipe.modalities.items():
+        try:
+            cls = registry.modality(name)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: modalities: {e}") from None
+        modalities[name] = build(cls.Config, settings, f"{path}: modalities.{name}")
     names = [s.get("name") for s in recipe.stages]
     for i, entry in enumerate(recipe.stages):
         if not entry.get("name"):
             raise ConfigError(f"{path}: stages[{i}]: missing 'name'")
         if names.count(entry["name"]) > 1:
             raise ConfigError(f"{path}: stages: name {entry['name']!r} is used twice")
+        stage_config(entry, str(path))  # every stage's settings are checked before any stage runs
     return recipe, modalities
 
 
 def stage_config(entry: dict, where: str):
     kind = entry.get("stage", entry["name"])
-    module = registry.module("stage", kind)
+    try:
+        module = registry.module("stage", kind)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: stages.{entry['name']}: {e}") from None
     settings = {k: v for k, v in entry.items() if k not in ("name", "stage")}
     return module, build(module.Config, settings, f"{where}: stages.{entry['name']} ({kind})")
 
@@ -71,7 +78,7 @@ def run_recipe(path: str | Path, overrides: list[str] = (), runs: str | Path = "
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {**dump(recipe), "modalities": {k: dump(v) for k, v in modalities.items()}}
     _write(run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    planned = [(entry, *stage_config(entry, str(path))) for entry in recipe.stages]  # all errors before any work
+    planned = [(entry, *stage_config(entry, str(path))) for entry in recipe.stages]
     unknown = sorted(set(only or ()) - {e["name"] for e, _, _ in planned})
     if unknown:
         raise ConfigError(f"--only: no stage named {unknown[0]!r} in {path}")

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny real shard sets written through the pipeline's own writer."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline.shards import write_shards  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+STARTER = REPO / "data" / "starter"
+
+
+def png(seed: int, size: int = 12, mode: str = "RGB") -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (size, size, 3 if mode == "RGB" else 1), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr.squeeze(-1) if mode == "L" else arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_shards(out: Path, n: int = 120, per_shard: int = 10, compress: bool = False) -> Path:
+    """``n`` labelled RGB images, keys ``s00000`` …, in shards of ``per_shard``."""
+    write_shards(list(range(n)), lambda i: {"__key__": f"s{i:05d}", "png": png(i), "cls": str(i % 4).encode(),
+                                            "json": json.dumps({"i": i}).encode()},
+                 out, max_count=per_shard, compress=compress, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Path:
+    return image_shards(tmp_path / "shards")

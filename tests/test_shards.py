@@ -1,0 +1,151 @@
+"""Shard stage: every input kind and every modality survives raw item → shard → loader batch, and
+the manifest's counts, keys and sha256s describe the files written."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import STARTER, image_shards, png
+from pipeline.cli import main
+from pipeline.data import LoaderConfig, SourceConfig, StreamingLoader
+from pipeline.shards import iter_samples, open_shards, sha256_file
+from stages.tokenize import Config as TokenizeConfig
+from stages.tokenize import run as train_tokenizer
+from pipeline.stage import Context
+
+WORDS = ["red apple", "blue moon over the sea", "green tree", "a small dog runs", "the cat sleeps", "fire"]
+
+
+def flac(seed: int, seconds: float = 0.5, sr: int = 8000) -> bytes:
+    buf = io.BytesIO()
+    t = np.arange(int(seconds * sr)) / sr
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * (200 + 50 * seed) * t)).astype(np.float32), sr, format="FLAC")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """The webdataset / img2dataset folder layout: a.png + a.txt + a.cls + a.flac is one item."""
+    root = tmp_path / "raw"
+    root.mkdir()
+    for i, text in enumerate(WORDS):
+        (root / f"item{i}.png").write_bytes(png(i))
+        (root / f"item{i}.txt").write_text(text)
+        (root / f"item{i}.cls").write_text(str(i % 3))
+        (root / f"item{i}.flac").write_bytes(flac(i))
+    return root
+
+
+def shard(input_path: Path, out: Path, *extra: str) -> dict:
+    assert main(["shard", str(input_path), "--out", str(out), "--max-count", "4", *extra]) == 0
+    return json.loads((out / "manifest.json").read_text())
+
+
+def tokenizer(shards: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "tok"
+    train_tokenizer(TokenizeConfig(shards=[str(shards)], vocab_size=200, min_frequency=1),
+                    Context(out_dir=out, progress=False))
+    return out
+
+
+def check_manifest(out: Path, manifest: dict, n: int, keys: set[str]) -> None:
+    assert manifest["total"] == n == sum(s["count"] for s in manifest["shards"])
+    for entry in manifest["shards"]:
+        path = out / entry["path"]
+        assert entry["sha256"] == sha256_file(path)
+        samples = list(iter_samples(str(path)))
+        assert len(samples) == entry["count"]
+        assert set(entry["keys"]) == keys == {k for s in samples for k in s if not k.startswith("__")}
+
+
+def test_folder_round_trip_every_modality(folder, tmp_path):
+    out = tmp_path / "shards"
+    manifest = shard(folder, out)
+    check_manifest(out, manifest, len(WORDS), {"png", "txt", "cls", "flac"})
+    first = next(iter_samples(str(out / manifest["shards"][0]["path"])))
+    assert first["__key__"] == "item0" and first["png"] == (folder / "item0.png").read_bytes()
+    assert first["flac"] == (folder / "item0.flac").read_bytes() and first["txt"] == b"red apple"
+
+    modality_cfgs = {"image": {"size": 8}, "text": {"tokenizer": str(tokenizer(out, tmp_path))},
+                     "audio": {"sample_rate": 8000, "clip_seconds": 0.25, "n_mels": 16, "n_fft": 128, "hop_length": 64}}
+    from pipeline import registry
+
+    cfgs = {m: registry.modality(m).Config(**c) for m, c in modality_cfgs.items()}
+    loader = StreamingLoader({"all": SourceConfig(shards=str(out), modalities=["image", "text", "audio"], label="cls")},
+                             LoaderConfig(batch_size=len(WORDS), num_workers=0, epochs=1, augment=False), cfgs)
+    (batch,) = list(loader)
+    order = [int(k.removeprefix("item")) for k in batch["__key__"]]
+    assert sorted(order) == list(range(len(WORDS)))
+    assert batch["image"].shape == (len(WORDS), 3, 8, 8) and batch["image"].dtype == torch.float32
+    assert batch["audio"].shape == (len(WORDS), 1, 16, 0.25 * 8000 // 64 + 1)
+    assert batch["cls"].tolist() == [i % 3 for i in order]
+    ids, mask = batch["text"]["input_ids"], batch["text"]["attention_mask"]
+    tok = loader_tokenizer(cfgs["text"])
+    for row, i in enumerate(order):
+        n = int(mask[row].sum())
+        assert tok.decode(ids[row, :n], skip_special_tokens=True) == WORDS[i]
+        assert (mask[row, n:] == 0).all()
+
+
+def loader_tokenizer(cfg):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg.tokenizer)
+
+
+def test_jsonl_and_hf_dataset_inputs(folder, tmp_path):
+    lines = [{"id": f"r{i}", "image": f"raw/item{i}.png", "caption": WORDS[i], "label": i % 3} for i in range(len(WORDS))]
+    jsonl = tmp_path / "items.jsonl"
+    jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "from_jsonl"
+    manifest = shard(jsonl, out, "--key-field", "id")
+    check_manifest(out, manifest, len(WORDS), {"png", "txt", "cls"})
+    sample = next(iter_samples(str(out / manifest["shards"][0]["path"])))
+    assert sample["__key__"] == "r0" and sample["png"] == png(0) and sample["cls"] == b"0"
+
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"image": [str(folder / f"item{i}.png") for i in range(len(WORDS))],
+                                     "text": WORDS, "label": [i % 3 for i in range(len(WORDS))]})
+    ds = ds.cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "hf"))
+    out = tmp_path / "from_hf"
+    manifest = shard(tmp_path / "hf", out)
+    check_manifest(out, manifest, len(WORDS), {"png", "txt", "cls"})
+    samples = [s for e in manifest["shards"] for s in iter_samples(str(out / e["path"]))]
+    assert [s["png"] for s in samples] == [png(i) for i in range(len(WORDS))]  # original bytes, not re-encoded
+    assert [s["txt"].decode() for s in samples] == WORDS
+
+
+def test_reshard_compressed_is_reproducible(tmp_path):
+    src = image_shards(tmp_path / "src", n=30, per_shard=7)
+    a, b = tmp_path / "a", tmp_path / "b"
+    ma = shard(src, a, "--compress", "true", "--workers", "2")
+    mb = shard(src, b, "--compress", "true", "--workers", "1")
+    check_manifest(a, ma, 30, {"png", "cls", "json"})
+    assert [e["path"] for e in ma["shards"]] == [f"shard-{i:06d}.tar.gz" for i in range(8)]
+    assert [e["sha256"] for e in ma["shards"]] == [e["sha256"] for e in mb["shards"]]  # byte-identical
+    keys = [s["__key__"] for e in ma["shards"] for s in iter_samples(str(a / e["path"]))]
+    assert keys == [f"s{i:05d}" for i in range(30)]
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["shard", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_starter_manifests_match_files():
+    """The committed starter data is what its manifests say (counts and checksums)."""
+    for manifest in sorted(STARTER.glob("*/*/manifest.json")):
+        shards = open_shards(manifest.parent)
+        entries = json.loads(manifest.read_text())["shards"]
+        assert len(shards) == len(entries) > 0
+        for entry in entries:
+            assert sha256_file(manifest.parent / entry["path"]) == entry["sha256"], entry["path"]
