@@ -104,6 +104,8 @@ class _SourceReader:
         self.name, self.shards, self.state, self.plan = name, shards, state, plan
         self.stream, self.cfg, self.seed = stream, cfg, seed
         self._open: dict[tuple, Iterator] = {}
+        #: (samples, reason) skipped since the last batch, reported with it
+        self.skips: list[tuple[int, str]] = []
 
     def next(self) -> tuple[int, str, dict] | None:
         """(epoch, shard path, raw sample), or None when the epoch budget is spent."""
@@ -128,7 +130,7 @@ class _SourceReader:
                 if self.cfg.on_error == "raise":
                     raise
                 st["skipped"] += unit[2] - unit[1]
-                log.warning("skipping %d samples: %s", unit[2] - unit[1], e)
+                self.skips.append((unit[2] - unit[1], f"{e} (rest of the shard skipped)"))
                 units.pop(j)
                 continue
             unit[1] += 1
@@ -172,7 +174,7 @@ class StreamingDataset(IterableDataset):
         alive = list(ld.sources)
         while alive:
             name = ld.choose_source(state["k"], alive)
-            items, keys, skips = [], [], []
+            items, keys, skips = [], [], readers[name].skips
             while len(items) < ld.cfg.batch_size:
                 got = readers[name].next()
                 if got is None:
@@ -183,9 +185,15 @@ class StreamingDataset(IterableDataset):
                     items.append(item)
                     keys.append(f"{name}:{Path(got[1]).name}:{got[2]['__key__']}")
             if not items or (len(items) < ld.cfg.batch_size and ld.cfg.drop_last):
+                if skips:  # nothing to hand out, but the skips must still be reported and counted
+                    yield {"__meta__": {"stream": stream, "state": copy.deepcopy(state), "keys": [],
+                                        "skips": list(skips)}, "__empty__": True}
+                    skips.clear()
+                    state["k"] += ld.workers_per_rank
                 continue
             batch = self._collate(name, mods, items)
-            batch["__meta__"] = {"stream": stream, "state": copy.deepcopy(state), "keys": keys, "skips": skips}
+            batch["__meta__"] = {"stream": stream, "state": copy.deepcopy(state), "keys": keys, "skips": list(skips)}
+            skips.clear()
             state["k"] += ld.workers_per_rank
             yield batch
 
@@ -196,7 +204,7 @@ class StreamingDataset(IterableDataset):
         except SampleError as e:
             if ld.cfg.on_error == "raise":
                 raise
-            skips.append(str(e))
+            skips.append((1, str(e)))
             return None
 
     def _collate(self, name: str, mods: dict, items: list[dict]) -> dict:
@@ -294,9 +302,11 @@ class StreamingLoader:
                 meta = batch.pop("__meta__")
                 self.stream_states[meta["stream"]] = meta["state"]
                 self.rotation = (meta["stream"] % self.workers_per_rank + 1) % self.workers_per_rank
-                for msg in meta["skips"]:
-                    log.warning("skipped: %s", msg)
-                self.skipped += len(meta["skips"])
+                for count, msg in meta["skips"]:
+                    log.warning("skipped %d sample%s: %s", count, "s" * (count > 1), msg)
+                    self.skipped += count
+                if batch.pop("__empty__", False):
+                    continue
                 if ledger is not None:
                     ledger.write(json.dumps({"batch": self.batches, "keys": meta["keys"]}) + "\n")
                     ledger.flush()

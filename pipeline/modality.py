@@ -11,9 +11,12 @@ and after a resume.
 from __future__ import annotations
 
 import random
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.config import Config
+
+if TYPE_CHECKING:
+    from pipeline.encoder import Encoder, EncoderConfig
 
 
 class ModalityConfig(Config):
@@ -43,6 +46,10 @@ class Modality:
 
     def collate(self, items: list) -> Any:
         """Per-sample tensors → batch (a tensor, or a dict of tensors)."""
+        raise NotImplementedError
+
+    def encoder(self, cfg: EncoderConfig | None = None) -> Encoder:
+        """The encoder of this modality's batches (``collate`` output), sized by ``cfg``."""
         raise NotImplementedError
 
     def pick(self, sample: dict) -> str | None:

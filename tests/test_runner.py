@@ -1,0 +1,106 @@
+"""Runner: resolved config in the run directory, skip when unchanged, rerun on change, continue an
+interrupted stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import yaml
+
+from conftest import REPO
+from pipeline.cli import main
+from pipeline.runner import DEFAULT_RECIPE, load_recipe, run_recipe
+from pipeline.shards import write_shards
+
+TEXTS = ["the red fox", "a blue sky", "green grass grows", "dogs bark at night", "cats sleep all day"] * 4
+
+
+def setup(tmp_path: Path) -> Path:
+    write_shards(list(range(len(TEXTS))), lambda i: {"__key__": f"t{i:03d}", "txt": TEXTS[i].encode()},
+                 tmp_path / "texts", max_count=8, workers=1, progress=False)
+    recipe = {
+        "name": "tiny",
+        "sources": {"texts": {"shards": "texts", "modalities": ["text"]}},
+        "stages": [{"name": "check", "stage": "validate", "shards": ["texts"], "full": True},
+                   {"name": "tokenize", "shards": ["texts"], "vocab_size": 60, "min_frequency": 1}],
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def stamps(run: Path) -> dict[str, float]:
+    return {d.name: (d / "done.json").stat().st_mtime_ns for d in run.iterdir() if (d / "done.json").is_file()}
+
+
+def test_run_writes_resolved_config_and_skips_unchanged_stages(tmp_path, caplog):
+    recipe = setup(tmp_path)
+    run = run_recipe(recipe, runs=tmp_path / "runs", progress=False)
+    assert run == tmp_path / "runs" / "tiny"
+    resolved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert resolved["seed"] == 0 and resolved["sources"]["texts"]["weight"] == 1.0  # defaults filled in
+    assert yaml.safe_load((run / "tokenize" / "config.yaml").read_text())["kind"] == "wordpiece"
+    done = json.loads((run / "check" / "done.json").read_text())
+    assert done["summary"]["status"] == "ok" and len(done["hash"]) == 64
+    first = stamps(run)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="selfsup"):
+        run_recipe(recipe, runs=tmp_path / "runs", progress=False)
+    assert stamps(run) == first
+    assert caplog.text.count("up to date, skipped") == 2
+
+
+def test_changed_settings_or_inputs_rerun_what_depends_on_them(tmp_path):
+    recipe = setup(tmp_path)
+    run = run_recipe(recipe, runs=tmp_path / "runs", progress=False)
+    first = stamps(run)
+    run_recipe(recipe, ["stages.tokenize.vocab_size=70"], runs=tmp_path / "runs", progress=False)
+    second = stamps(run)
+    assert second["check"] == first["check"] and second["tokenize"] != first["tokenize"]
+    assert yaml.safe_load((run / "tokenize" / "config.yaml").read_text())["vocab_size"] == 70
+    write_shards(list(range(5)), lambda i: {"__key__": f"n{i}", "txt": b"new words here"}, tmp_path / "texts",
+                 max_count=8, workers=1, progress=False)  # the data changed: both stages are stale
+    run_recipe(recipe, ["stages.tokenize.vocab_size=70"], runs=tmp_path / "runs", progress=False)
+    third = stamps(run)
+    assert third["check"] != second["check"] and third["tokenize"] != second["tokenize"]
+    assert json.loads((run / "check" / "done.json").read_text())["summary"]["samples"] == 5
+
+
+def test_interrupted_stage_continues_in_place_and_stale_one_is_cleared(tmp_path):
+    recipe = setup(tmp_path)
+    run = run_recipe(recipe, runs=tmp_path / "runs", progress=False)
+    (run / "tokenize" / "done.json").unlink()  # as if the process died before the stage finished
+    (run / "tokenize" / "partial.ckpt").write_text("work done before the crash")
+    run_recipe(recipe, runs=tmp_path / "runs", progress=False)
+    assert (run / "tokenize" / "partial.ckpt").exists() and (run / "tokenize" / "done.json").exists()
+    (run / "tokenize" / "done.json").unlink()
+    run_recipe(recipe, ["stages.tokenize.vocab_size=80"], runs=tmp_path / "runs", progress=False)
+    assert not (run / "tokenize" / "partial.ckpt").exists()  # other settings: earlier partial work is stale
+
+
+def test_only_and_force(tmp_path):
+    recipe = setup(tmp_path)
+    run = run_recipe(recipe, runs=tmp_path / "runs", only=["check"], progress=False)
+    assert set(stamps(run)) == {"check"}
+    first = stamps(run)
+    assert main(["run", str(recipe), "--runs", str(tmp_path / "runs"), "--only", "check", "--force"]) == 0
+    assert stamps(run)["check"] != first["check"]
+
+
+def test_failed_validation_fails_the_cli(tmp_path, capsys):
+    recipe = setup(tmp_path)
+    shard = tmp_path / "texts" / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:-1024])  # checksum mismatch and a short last sample
+    assert main(["validate", str(tmp_path / "texts"), "--out", str(tmp_path / "v")]) == 1
+    assert "shard-000000.tar" in capsys.readouterr().out + (tmp_path / "v" / "report.json").read_text()
+
+
+def test_starter_recipe_is_valid():
+    recipe, modalities = load_recipe(DEFAULT_RECIPE)
+    assert DEFAULT_RECIPE == REPO / "recipes" / "starter.yaml"
+    assert recipe.name == "starter" and {"image", "text", "audio"} <= set(modalities)
+    for source in recipe.sources.values():
+        shards = source.shards if isinstance(source.shards, str) else source.shards[0]
+        assert (DEFAULT_RECIPE.parent / shards / "manifest.json").is_file()
