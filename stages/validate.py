@@ -23,7 +23,15 @@ from pydantic import Field, field_validator
 
 from pipeline import registry
 from pipeline.config import ConfigError
-from pipeline.shards import MANIFEST, TAR_SUFFIXES, ShardError, expand_braces, iter_samples, read_manifest, sha256_file
+from pipeline.shards import (
+    MANIFEST,
+    TAR_SUFFIXES,
+    ShardError,
+    expand_braces,
+    iter_samples,
+    read_manifest,
+    sha256_file,
+)
 from pipeline.stage import Context, StageConfig
 
 HEAD, SPREAD = 16, 8  # samples decoded per shard without --full: the first HEAD, and SPREAD more spaced evenly

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import image_shards, png
+
+from modalities.image import ImageConfig
 from pipeline.data import LoaderConfig, SampleError, SourceConfig, StreamingLoader
 from pipeline.shards import write_shards
-from modalities.image import ImageConfig
 
 IMAGE = {"image": ImageConfig(size=8, crop_scale=(0.3, 1.0))}
 

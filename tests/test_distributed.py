@@ -12,8 +12,8 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, image_shards
+
 from modalities.image import ImageConfig
 from pipeline.data import LoaderConfig, SourceConfig, StreamingLoader
 

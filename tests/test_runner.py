@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 
 import yaml
-
 from conftest import REPO
+
 from pipeline.cli import main
 from pipeline.runner import DEFAULT_RECIPE, load_recipe, run_recipe
 from pipeline.shards import write_shards
@@ -90,7 +90,7 @@ def test_only_and_force(tmp_path):
 
 
 def test_failed_validation_fails_the_cli(tmp_path, capsys):
-    recipe = setup(tmp_path)
+    setup(tmp_path)
     shard = tmp_path / "texts" / "shard-000000.tar"
     shard.write_bytes(shard.read_bytes()[:-1024])  # checksum mismatch and a short last sample
     assert main(["validate", str(tmp_path / "texts"), "--out", str(tmp_path / "v")]) == 1

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import STARTER, image_shards, png
+
 from pipeline.cli import main
 from pipeline.data import LoaderConfig, SourceConfig, StreamingLoader
 from pipeline.shards import iter_samples, open_shards, sha256_file
+from pipeline.stage import Context
 from stages.tokenize import Config as TokenizeConfig
 from stages.tokenize import run as train_tokenizer
-from pipeline.stage import Context
 
 WORDS = ["red apple", "blue moon over the sea", "green tree", "a small dog runs", "the cat sleeps", "fire"]
 
