@@ -105,16 +105,21 @@ def _stage_parser(sub, name: str) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     positional = getattr(module, "positional", ())
     for field, info in module.Config.model_fields.items():
-        help_text = (info.description or "") + ("" if info.is_required() else f" (default: {info.default!r})")
+        help_text = info.description or ""
+        if not info.is_required() and "default" not in help_text:
+            help_text += f" (default: {info.default!r})"
+        flag = "--" + field.replace("_", "-")
         if field in positional:
             many = get_origin(info.annotation) is list or "list" in str(info.annotation)
             p.add_argument(field, nargs="+" if many else None, help=help_text)
+        elif info.annotation is bool:  # --full / --no-full
+            p.add_argument(flag, dest=field, default=argparse.SUPPRESS, help=help_text,
+                           action=argparse.BooleanOptionalAction)
         else:
-            p.add_argument("--" + field.replace("_", "-"), dest=field, default=argparse.SUPPRESS,
-                           help=help_text, metavar="VALUE")
-    p.add_argument("--recipe", dest="_recipe", help="take sources and modality settings from this recipe")
+            p.add_argument(flag, dest=field, default=argparse.SUPPRESS, help=help_text, metavar="VALUE")
+    p.add_argument("--recipe", dest="_recipe", metavar="YAML", help="take sources and modality settings from this recipe")
     if "out" not in module.Config.model_fields:
-        p.add_argument("--out", dest="_out", default=None, help="output directory (default: runs/<stage>)")
+        p.add_argument("--out", dest="_out", default=None, metavar="DIR", help="output directory (default: runs/<stage>)")
     p.set_defaults(_stage_name=name)
 
 
@@ -129,8 +134,12 @@ def _stage(args) -> int:
     for k, v in vars(args).items():
         if k.startswith("_") or k == "command":
             continue
-        raw[k] = [parse_value(x) if not isinstance(x, str) or not Path(x).exists() else x for x in v] \
-            if isinstance(v, list) else (v if k in getattr(module, "positional", ()) else parse_value(v))
+        if isinstance(v, list):
+            raw[k] = [parse_value(x) if not isinstance(x, str) or not Path(x).exists() else x for x in v]
+        elif isinstance(v, bool) or k in getattr(module, "positional", ()):
+            raw[k] = v
+        else:
+            raw[k] = parse_value(v)
     cfg = build(module.Config, raw, f"selfsup {args._stage_name}")
     out = getattr(args, "_out", None) or raw.get("out")
     ctx = Context(out_dir=Path(out or Path("runs") / args._stage_name))

@@ -108,6 +108,10 @@ class Encoder(nn.Module):
     def forward(self, inputs, *, keep: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> EncoderOutput:
         raise NotImplementedError
 
+    def model_inputs(self, inputs) -> dict:
+        """Keyword arguments of the stock ``.model`` for a batch (export parity checks)."""
+        raise NotImplementedError
+
     def num_tokens(self, inputs) -> int:
         """N: how many maskable positions a batch has (``keep`` indexes and ``mask`` covers them)."""
         raise NotImplementedError
@@ -205,6 +209,9 @@ class ViTEncoder(Encoder):
         last = m.layernorm(h)
         return EncoderOutput(last, tuple(hidden), self._pool(last), None, self.num_prefix_tokens)
 
+    def model_inputs(self, inputs) -> dict:
+        return {"pixel_values": self.prepare(inputs)}
+
     def num_tokens(self, inputs) -> int:
         return self.num_patches
 
@@ -261,6 +268,9 @@ class BertEncoder(Encoder):
         out = self.model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
         last = out.last_hidden_state
         return EncoderOutput(last, tuple(out.hidden_states), self._pool(last, attention), attention, 0)
+
+    def model_inputs(self, inputs) -> dict:
+        return {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
 
     def num_tokens(self, inputs) -> int:
         return inputs["input_ids"].shape[1]

@@ -1,6 +1,6 @@
 """Write webdataset shards from a folder, a jsonl manifest, a Hugging Face dataset or existing shards.
 
-    selfsup shard INPUT --out DIR [--max-count 1000] [--compress true] [--fields '{image: image, label: cls}']
+    selfsup shard INPUT --out DIR [--max-count 1000] [--compress] [--fields '{image: image, label: cls}']
 
 Output: ``DIR/<prefix>-NNNNNN.tar`` (img2dataset keys: jpg/png/webp, txt, json, cls, flac/wav) and
 ``DIR/manifest.json`` (per shard: path, sample count, keys, sha256). Runs on every core.

@@ -1,11 +1,11 @@
 """Pre-flight check of a shard set: every shard readable to the end, sample counts and sha256
 as the manifest promises, required keys present, and samples decodable by their modalities.
 
-    selfsup validate SHARDS [--full true] [--require png,cls] [--processes N --workers W]
+    selfsup validate SHARDS [--full] [--require png,cls] [--processes N --workers W]
 
 Every problem is one line naming the shard file, the sample key and what is wrong. Shards are
 checked in parallel, one process per core; by default a sample of each shard is decoded (the
-first 16 and a few spread through it), ``--full true`` decodes all of them. The summary goes to
+first 16 and a few spread through it), ``--full`` decodes all of them. The summary goes to
 ``report.json``; the command exits with status 1 when any error was found.
 """
 

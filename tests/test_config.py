@@ -83,6 +83,6 @@ def test_cli_reports_mistakes_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("selfsup: error:") and "did you mean 'seed'?" in err and "\n" not in err
     with pytest.raises(SystemExit) as e:
-        main(["validate", str(tmp_path), "--fulll", "true"])
+        main(["validate", str(tmp_path), "--fulll"])
     assert e.value.code == 2
     assert "did you mean --full?" in capsys.readouterr().err

@@ -127,8 +127,8 @@ def test_jsonl_and_hf_dataset_inputs(folder, tmp_path):
 def test_reshard_compressed_is_reproducible(tmp_path):
     src = image_shards(tmp_path / "src", n=30, per_shard=7)
     a, b = tmp_path / "a", tmp_path / "b"
-    ma = shard(src, a, "--compress", "true", "--workers", "2")
-    mb = shard(src, b, "--compress", "true", "--workers", "1")
+    ma = shard(src, a, "--compress", "--workers", "2")
+    mb = shard(src, b, "--compress", "--workers", "1")
     check_manifest(a, ma, 30, {"png", "cls", "json"})
     assert [e["path"] for e in ma["shards"]] == [f"shard-{i:06d}.tar.gz" for i in range(8)]
     assert [e["sha256"] for e in ma["shards"]] == [e["sha256"] for e in mb["shards"]]  # byte-identical

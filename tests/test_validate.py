@@ -143,7 +143,7 @@ def test_parallel_check_matches_serial(tmp_path):
 def test_cli_exit_status(tmp_path, capsys):
     shards = make(tmp_path, edit=lambda i, s: s.update(flac=b"") if i == 1 else None)
     out = str(tmp_path / "cli")
-    assert main(["validate", str(shards), "--full", "true", "--out", out]) == 1
+    assert main(["validate", str(shards), "--full", "--out", out]) == 1
     assert "sample 'k1': flac: empty flac" in capsys.readouterr().out
     good_set = make(tmp_path / "good")
     assert main(["validate", str(good_set / "shard-00000{0..2}.tar"), "--require", "png,cls", "--out", out]) == 0
