@@ -4,7 +4,7 @@ batches ``[B, 1, n_mels, frames]``.
 File I/O is soundfile (no ffmpeg needed); resampling is ``torchaudio.functional.resample`` and the
 mel filterbank ``torchaudio.transforms.MelSpectrogram``, computed once per batch. Train-time
 augmentation is a random crop of long clips and a random time shift of short ones inside the
-zero-padded window.
+zero-padded window. The encoder is a ViT over log-mel patches (``LogMelEncoder``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from pipeline.config import ConfigError
+from pipeline.encoder import EncoderConfig, ViTEncoder
 from pipeline.modality import Modality as Base
 from pipeline.modality import ModalityConfig
 
@@ -103,3 +105,20 @@ class Modality(Base):
             mel = self._mel(torch.stack(items))  # [B, n_mels, frames]
         logmel = (torch.log(mel + 1e-6) - self.cfg.mean) / self.cfg.std
         return logmel.unsqueeze(1)  # [B, 1, n_mels, frames]
+
+    def encoder(self, cfg: EncoderConfig | None = None) -> LogMelEncoder:
+        """A ViT over the log-mel "image" [1, n_mels, frames], frames cut to whole patches."""
+        cfg = cfg or EncoderConfig()
+        frames = self.num_frames // cfg.patch_size * cfg.patch_size
+        if frames == 0:
+            raise ConfigError(f"encoder.patch_size: {cfg.patch_size} is longer than a clip's {self.num_frames} frames")
+        return LogMelEncoder(cfg, (self.cfg.n_mels, frames), 1)
+
+
+class LogMelEncoder(ViTEncoder):
+    """A ViT over log-mel patches. The trailing frames that do not fill a whole patch are dropped
+    (1 s at hop 160 is 101 frames: patch 16 keeps 96), so every patch holds real audio; padding
+    instead would add frames of a constant that is not silence after normalization."""
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return super().prepare(x[..., : self.image_size[1]])  # [B, 1, n_mels, frames] → whole patches

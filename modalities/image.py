@@ -2,7 +2,8 @@
 
 Augmentation is random-resized-crop + horizontal flip, done on the PIL image in one resampling
 call (crop box and resize together), which keeps per-sample cost to a few microseconds on small
-images; normalization happens once per batch.
+images; normalization happens once per batch. The encoder is a ViT over square patches
+(``pipeline.encoder``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.encoder import EncoderConfig, ViTEncoder
 from pipeline.modality import Modality as Base
 from pipeline.modality import ModalityConfig
 
@@ -95,6 +97,10 @@ class Modality(Base):
     def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
         x = torch.stack(items).permute(0, 3, 1, 2).float()  # [B, C, H, W]
         return (x - self._mean) / self._std
+
+    def encoder(self, cfg: EncoderConfig | None = None) -> ViTEncoder:
+        """A ViT over ``size``×``size`` images of ``channels`` channels; ``cfg.patch_size`` must divide ``size``."""
+        return ViTEncoder(cfg or EncoderConfig(), (self.cfg.size, self.cfg.size), self.cfg.channels)
 
 
 def _center_box(w: int, h: int) -> tuple[float, float, float, float]:

@@ -3,7 +3,8 @@
 
 The tokenizer is any directory ``AutoTokenizer.from_pretrained`` loads (``selfsup tokenize``
 writes one). It is loaded lazily, once per worker process. Train-time augmentation is a random
-window of ``max_length`` tokens over long texts; evaluation keeps the head.
+window of ``max_length`` tokens over long texts; evaluation keeps the head. The encoder is a BERT
+sized to the tokenizer, whose [MASK] id is its mask token.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from pipeline.config import ConfigError
+from pipeline.encoder import BertEncoder, EncoderConfig
 from pipeline.modality import Modality as Base
 from pipeline.modality import ModalityConfig
 
@@ -74,6 +76,10 @@ class Modality(Base):
             ids[i, : len(x)] = x
             mask[i, : len(x)] = 1
         return {"input_ids": ids, "attention_mask": mask}
+
+    def encoder(self, cfg: EncoderConfig | None = None) -> BertEncoder:
+        """A BERT sized to this tokenizer's vocabulary (its [MASK] id is the mask token)."""
+        return BertEncoder(cfg or EncoderConfig(), self.tokenizer, self.cfg.max_length)
 
 
 def load_tokenizer(path: str | None):

@@ -250,7 +250,10 @@ def _decode(ext: str, data: bytes, mods: dict) -> bool:
     if name not in mods:
         mods[name] = registry.modality(name)(_PLAN.modality_cfgs.get(name))
     item = mods[name].decode(data, ext)
-    if name != "text":  # text's transform needs a trained tokenizer; UTF-8 is what can go wrong here
+    # The transform (resize, crop, mel) only says more when the recipe gives the sizes training uses;
+    # without them it would resize every image to the default 224 px for nothing. Text's needs a
+    # trained tokenizer; UTF-8 is what can go wrong there.
+    if name != "text" and _PLAN.modality_cfgs.get(name) is not None:
         mods[name].transform(item, None)
     return True
 

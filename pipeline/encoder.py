@@ -1,0 +1,282 @@
+"""Encoders: one per modality, shared by every objective so that stages chain (an image encoder
+pretrained with MAE is the image tower of a later CLIP stage).
+
+Each encoder wraps a stock transformers model built from a config (``ViTModel`` over patch grids
+for image and audio, ``BertModel`` over tokens for text) and adds what the objectives need on top
+of the stock forward:
+
+- ``forward(inputs)``: all hidden states, the final ones and a pooled embedding;
+- ``forward(inputs, keep=idx)``: the encoder runs on the kept patches only (MAE);
+- ``forward(inputs, mask=m)``: masked positions are replaced by the learned mask token (data2vec,
+  MLM); ``keep`` and ``mask`` may be combined (mask first, then keep);
+- ``patchify(inputs)``: per-patch values, the MAE regression targets.
+
+Positions (the ``N`` of ``keep``, ``mask``, ``maskable`` and ``patchify``) are the maskable units:
+patches in row-major grid order for a ViT, tokens for text. A ViT also has a [CLS] token in front
+of them (``num_prefix_tokens == 1``), which is never masked or dropped; ``EncoderOutput.tokens``
+strips it. The wrapped ``.model`` is what ``save_pretrained`` writes: stock
+``transformers.AutoModel.from_pretrained(dir)`` loads it and computes the same full forward.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from pipeline.config import Config, ConfigError
+
+#: width, depth, heads per preset; the MLP is ``mlp_ratio`` × width and patches are 16 unless set
+PRESETS = {
+    "tiny": {"hidden_size": 192, "num_layers": 4, "num_heads": 3},
+    "small": {"hidden_size": 384, "num_layers": 12, "num_heads": 6},
+    "base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12},
+}
+
+
+class EncoderConfig(Config):
+    size: Literal["tiny", "small", "base"] = "tiny"
+    #: overrides of the preset (None = the preset's value)
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    #: side of a square patch, in pixels (image) or mel bins × frames (audio); unused by text
+    patch_size: int = 16
+    dropout: float = 0.0
+    #: pooled embedding: mean of the final patch/token states, or the first token ([CLS])
+    pooling: Literal["mean", "cls"] = "mean"
+    #: directory written by an earlier encoder's ``save_pretrained``: start from its weights
+    init_from: str | None = None
+
+    def resolved(self, where: str = "encoder") -> dict:
+        """Preset merged with overrides: ``hidden_size, num_layers, num_heads, intermediate_size``."""
+        dims = {k: getattr(self, k) if getattr(self, k) is not None else v for k, v in PRESETS[self.size].items()}
+        for key, value in dims.items():
+            if value < 1:
+                raise ConfigError(f"{where}.{key}: must be at least 1 (got {value})")
+        if dims["hidden_size"] % dims["num_heads"]:
+            raise ConfigError(f"{where}.hidden_size: {dims['hidden_size']} is not divisible by "
+                              f"num_heads {dims['num_heads']}")
+        return {**dims, "intermediate_size": round(dims["hidden_size"] * self.mlp_ratio)}
+
+
+@dataclass
+class EncoderOutput:
+    #: [B, L, D] final states, after the model's last normalization (L = prefix + positions)
+    last_hidden_state: torch.Tensor
+    #: num_layers + 1 tensors [B, L, D]: the embedding output (input of layer 1), then the output of
+    #: each layer, as transformers' ``output_hidden_states`` returns them. A ViT (pre-norm) applies
+    #: its final LayerNorm after the last entry; BERT (post-norm) has none, so its last entry equals
+    #: ``last_hidden_state``.
+    hidden_states: tuple[torch.Tensor, ...]
+    #: [B, D] pooled embedding (``EncoderConfig.pooling``)
+    pooled: torch.Tensor
+    #: [B, L] 1 for real tokens, 0 for padding; None when nothing is padded (ViT)
+    attention_mask: torch.Tensor | None = None
+    #: tokens in front of the maskable positions ([CLS] of a ViT), never masked or dropped
+    num_prefix_tokens: int = 0
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """[B, N, D] final states of the positions only, aligned with ``mask`` / ``keep``."""
+        return self.last_hidden_state[:, self.num_prefix_tokens:]
+
+
+class Encoder(nn.Module):
+    """Base: ``.model`` is the stock transformers model; subclasses implement ``forward``."""
+
+    #: extra ``__init__`` arguments of the stock class (``from_pretrained`` needs them too)
+    model_kwargs: ClassVar[dict] = {}
+    #: config fields that fix the weights' shapes; ``init_from`` must match them
+    architecture: ClassVar[tuple[str, ...]] = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    num_prefix_tokens = 0
+
+    def __init__(self, model, cfg: EncoderConfig, where: str = "encoder"):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.hidden_size: int = model.config.hidden_size
+        self.num_layers: int = model.config.num_hidden_layers
+        if cfg.init_from:
+            self.load(cfg.init_from, where)
+
+    def forward(self, inputs, *, keep: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> EncoderOutput:
+        raise NotImplementedError
+
+    def model_inputs(self, inputs) -> dict:
+        """Keyword arguments of the stock ``.model`` for a batch (export parity checks)."""
+        raise NotImplementedError
+
+    def num_tokens(self, inputs) -> int:
+        """N: how many maskable positions a batch has (``keep`` indexes and ``mask`` covers them)."""
+        raise NotImplementedError
+
+    def maskable(self, inputs) -> torch.Tensor:
+        """[B, N] bool: positions an objective may mask or drop."""
+        raise NotImplementedError
+
+    def patchify(self, inputs) -> torch.Tensor:
+        """[B, N, patch_dim] input values per position (MAE targets)."""
+        raise NotImplementedError(f"{type(self).__name__} has no patches to reconstruct; "
+                                  "MAE applies to patch encoders (image, audio)")
+
+    def save_pretrained(self, path: str | Path, **kwargs) -> None:
+        self.model.save_pretrained(str(path), **kwargs)
+
+    def load(self, path: str | Path, where: str = "encoder") -> None:
+        """Copy the weights of an earlier ``save_pretrained`` into this encoder; the architecture
+        (widths, depth, patch grid, vocabulary) must be the same, dropout and such may differ."""
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"{where}.init_from: {path}: no config.json (not a save_pretrained directory)")
+        saved, ours = json.loads(config_file.read_text()), json.loads(self.model.config.to_json_string(use_diff=False))
+        for key in ("model_type", *self.architecture):
+            if saved.get(key) != ours.get(key):
+                raise ConfigError(f"{where}.init_from: {path} holds a {saved.get('model_type')} with {key} "
+                                  f"{saved.get(key)}, this encoder has {ours.get(key)}; use the earlier stage's settings")
+        loaded = type(self.model).from_pretrained(str(path), **self.model_kwargs)
+        self.model.load_state_dict(loaded.state_dict())
+
+    def _pool(self, states: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L, D] → [B, D]: first token, or mean over the positions (weighted by ``weights`` [B, L])."""
+        if self.cfg.pooling == "cls":
+            return states[:, 0]
+        if weights is None:
+            return states[:, self.num_prefix_tokens:].mean(1)
+        w = weights.to(states.dtype).unsqueeze(-1)
+        return (states * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+
+class ViTEncoder(Encoder):
+    """A ViT over a [B, C, H, W] grid of values: image pixels, or audio log-mel as a 1-channel
+    image. The sequence is [CLS] + H/p × W/p patches in row-major order."""
+
+    model_kwargs: ClassVar[dict] = {"add_pooling_layer": False, "use_mask_token": True}
+    architecture = Encoder.architecture + ("image_size", "patch_size", "num_channels")
+    num_prefix_tokens = 1
+
+    def __init__(self, cfg: EncoderConfig, image_size: tuple[int, int], channels: int, where: str = "encoder"):
+        from transformers import ViTConfig, ViTModel
+
+        p = cfg.patch_size
+        if p < 1 or image_size[0] % p or image_size[1] % p:
+            raise ConfigError(f"{where}.patch_size: {p} does not tile the {image_size[0]}×{image_size[1]} input; "
+                              f"pick a divisor of both sides")
+        dims = cfg.resolved(where)
+        config = ViTConfig(hidden_size=dims["hidden_size"], num_hidden_layers=dims["num_layers"],
+                           num_attention_heads=dims["num_heads"], intermediate_size=dims["intermediate_size"],
+                           hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+                           layer_norm_eps=1e-6, image_size=list(image_size), patch_size=p, num_channels=channels,
+                           attn_implementation="sdpa")
+        super().__init__(ViTModel(config, **self.model_kwargs), cfg, where)
+        self.image_size = tuple(image_size)
+        self.patch_size = p
+        self.channels = channels
+        self.grid = (image_size[0] // p, image_size[1] // p)  # rows, columns of patches
+        self.num_patches = self.grid[0] * self.grid[1]
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's input [B, C, H, W] from a collated batch (audio overrides this to crop)."""
+        if tuple(x.shape[-2:]) != self.image_size:
+            raise ValueError(f"encoder built for {self.image_size[0]}×{self.image_size[1]} inputs, "
+                             f"got {x.shape[-2]}×{x.shape[-1]}")
+        return x
+
+    def forward(self, inputs, *, keep=None, mask=None) -> EncoderOutput:
+        """inputs [B, C, H, W]; keep [B, n_keep] patch indices; mask [B, N] bool. Output length
+        L = 1 + N, or 1 + n_keep with ``keep``."""
+        m = self.model
+        emb = m.embeddings
+        x = self.prepare(inputs).to(emb.patch_embeddings.projection.weight.dtype)
+        x = emb.patch_embeddings(x)  # [B, N, D]
+        if mask is not None:  # as ViTEmbeddings does with bool_masked_pos: swap the patch, keep its position
+            x = torch.where(mask.unsqueeze(-1), emb.mask_token.to(x.dtype), x)
+        pos = emb.position_embeddings  # [1, 1 + N, D], [CLS] first
+        x = x + pos[:, 1:]
+        if keep is not None:  # position added first, so every kept patch remembers where it was
+            x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, n_keep, D]
+        cls = (emb.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
+        h = emb.dropout(torch.cat([cls, x], dim=1))
+        hidden = [h]
+        for layer in m.layers:  # the stock layers; no attention mask: every sequence is full
+            h = layer(h, None)
+            hidden.append(h)
+        last = m.layernorm(h)
+        return EncoderOutput(last, tuple(hidden), self._pool(last), None, self.num_prefix_tokens)
+
+    def model_inputs(self, inputs) -> dict:
+        return {"pixel_values": self.prepare(inputs)}
+
+    def num_tokens(self, inputs) -> int:
+        return self.num_patches
+
+    def maskable(self, inputs) -> torch.Tensor:
+        return torch.ones(inputs.shape[0], self.num_patches, dtype=torch.bool, device=inputs.device)
+
+    def patchify(self, inputs) -> torch.Tensor:
+        """[B, C, H, W] → [B, N, p·p·C]: patch n is grid cell (n // columns, n % columns), the
+        token order of the model; values within a patch ordered (row, column, channel)."""
+        x = self.prepare(inputs)
+        b, c = x.shape[:2]
+        (rows, cols), p = self.grid, self.patch_size
+        x = x.reshape(b, c, rows, p, cols, p).permute(0, 2, 4, 3, 5, 1)  # [B, rows, cols, p, p, C]
+        return x.reshape(b, rows * cols, p * p * c)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``patchify``: [B, N, p·p·C] → [B, C, H, W] (e.g. to show reconstructions)."""
+        (rows, cols), p, c = self.grid, self.patch_size, self.channels
+        x = patches.reshape(-1, rows, cols, p, p, c).permute(0, 5, 1, 3, 2, 4)  # [B, C, rows, p, cols, p]
+        return x.reshape(-1, c, rows * p, cols * p)
+
+
+class BertEncoder(Encoder):
+    """A BERT over ``{"input_ids", "attention_mask"}`` [B, L]; the positions are the L tokens
+    (the tokenizer's [CLS]/<s> is one of them, so ``num_prefix_tokens == 0``)."""
+
+    model_kwargs: ClassVar[dict] = {"add_pooling_layer": False}
+    architecture = Encoder.architecture + ("vocab_size", "max_position_embeddings", "type_vocab_size")
+
+    def __init__(self, cfg: EncoderConfig, tokenizer, max_length: int, where: str = "encoder"):
+        from transformers import BertConfig, BertModel
+
+        if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
+            raise ConfigError(f"{where}: the text tokenizer has no mask or pad token; train one with `selfsup tokenize`")
+        dims = cfg.resolved(where)
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=dims["hidden_size"],
+                            num_hidden_layers=dims["num_layers"], num_attention_heads=dims["num_heads"],
+                            intermediate_size=dims["intermediate_size"], hidden_dropout_prob=cfg.dropout,
+                            attention_probs_dropout_prob=cfg.dropout, pad_token_id=tokenizer.pad_token_id,
+                            # 512 at least, so that a later stage may use longer texts with the same weights
+                            max_position_embeddings=max(512, max_length), attn_implementation="sdpa")
+        super().__init__(BertModel(config, **self.model_kwargs), cfg, where)
+        self.mask_token_id: int = tokenizer.mask_token_id
+        self.register_buffer("special_ids", torch.tensor(sorted(tokenizer.all_special_ids)), persistent=False)
+
+    def forward(self, inputs, *, keep=None, mask=None) -> EncoderOutput:
+        """inputs {"input_ids", "attention_mask"} [B, L]; mask [B, L] bool: those ids become [MASK]."""
+        if keep is not None:
+            raise NotImplementedError("text encoders run on whole sequences: drop tokens (keep=) is for "
+                                      "patch encoders; mask them instead (mask=)")
+        ids, attention = inputs["input_ids"], inputs.get("attention_mask")
+        if mask is not None:
+            ids = ids.masked_fill(mask, self.mask_token_id)
+        out = self.model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+        last = out.last_hidden_state
+        return EncoderOutput(last, tuple(out.hidden_states), self._pool(last, attention), attention, 0)
+
+    def model_inputs(self, inputs) -> dict:
+        return {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
+
+    def num_tokens(self, inputs) -> int:
+        return inputs["input_ids"].shape[1]
+
+    def maskable(self, inputs) -> torch.Tensor:
+        """Real tokens that are not special ([CLS], [SEP], padding …)."""
+        ids = inputs["input_ids"]
+        real = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(ids, dtype=torch.bool)
+        return real & ~torch.isin(ids, self.special_ids)

@@ -1,0 +1,283 @@
+"""Encoders, for every registered modality: shapes, the visible-only (``keep``) and mask-token
+(``mask``) forwards against the plain one, gradients, SDPA, size presets, config errors, and the
+export contract: stock ``transformers.AutoModel`` loads ``save_pretrained`` and computes the same."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel
+
+from pipeline import registry
+from pipeline.config import ConfigError, build
+from pipeline.encoder import PRESETS, EncoderConfig, ViTEncoder
+from pipeline.shards import write_shards
+from pipeline.stage import Context
+from stages import tokenize
+
+CFG = EncoderConfig(size="tiny", patch_size=8)
+WORDS = ["a", "red", "fox", "runs", "over", "the", "lazy", "dog", "while", "small", "birds", "sing", "in", "green",
+         "trees", "at", "night"]
+
+
+def _tokenizer(tmp) -> str:
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(60)]
+    write_shards(texts, lambda t: {"__key__": f"{hash(t) & 0xFFFFFF:x}{len(t)}", "txt": t.encode()}, tmp / "shards",
+                 max_count=60, compress=False, workers=1, progress=False)
+    tokenize.run(tokenize.Config(shards=[str(tmp / "shards")], vocab_size=120, min_frequency=1),
+                 Context(out_dir=tmp / "tok", progress=False))
+    return str(tmp / "tok")
+
+
+#: per modality: a small config and raw items fed through ``transform`` + ``collate``
+SETUPS = {
+    "image": lambda tmp: ({"size": 32, "channels": 3},
+                          [np.random.default_rng(i).integers(0, 256, (40, 36, 3), dtype=np.uint8) for i in range(3)]),
+    "text": lambda tmp: ({"tokenizer": _tokenizer(tmp), "max_length": 16},
+                         ["the red fox", "small birds sing in green trees at night over the lazy dog", "a dog"]),
+    "audio": lambda tmp: ({"n_mels": 32, "clip_seconds": 0.5},  # 51 frames: the encoder keeps 48 (patch 8)
+                          [torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.1 for n in (8000, 6000, 9000)]),
+}
+
+
+@pytest.fixture(scope="module", params=registry.names("modality"))
+def case(request, tmp_path_factory):
+    """(modality, batch) for one registered modality."""
+    name = request.param
+    if name not in SETUPS:
+        pytest.fail(f"modality {name!r}: add a small config and sample items to SETUPS in tests/test_encoders.py")
+    settings, raw = SETUPS[name](tmp_path_factory.mktemp(name))
+    cls = registry.modality(name)
+    modality = cls(cls.Config(**settings))
+    if name == "image":
+        raw = [modality.decode(modality.encode(x)[1], "png") for x in raw]
+    return modality, modality.collate([modality.transform(x, None) for x in raw])
+
+
+def encoder(modality, cfg: EncoderConfig = CFG, seed: int = 0):
+    torch.manual_seed(seed)
+    return modality.encoder(cfg)
+
+
+def batch_size(batch) -> int:
+    return (batch["input_ids"] if isinstance(batch, dict) else batch).shape[0]
+
+
+def random_mask(enc, batch, seed: int = 1) -> torch.Tensor:
+    """[B, N] bool: about half of the maskable positions."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = enc.maskable(batch)
+    return allowed & (torch.rand(allowed.shape, generator=g) < 0.5)
+
+
+def test_shapes_and_hidden_states(case):
+    modality, batch = case
+    enc = encoder(modality)
+    out = enc(batch)
+    b, n, d = batch_size(batch), enc.num_tokens(batch), enc.hidden_size
+    assert (d, enc.num_layers) == (192, 4)
+    assert out.last_hidden_state.shape == (b, enc.num_prefix_tokens + n, d)
+    assert out.tokens.shape == (b, n, d) and out.pooled.shape == (b, d)
+    assert len(out.hidden_states) == enc.num_layers + 1
+    assert all(h.shape == out.last_hidden_state.shape for h in out.hidden_states)
+    assert enc.maskable(batch).shape == (b, n)
+    # the same hidden states as the stock model's own forward
+    stock = enc.model(**enc.model_inputs(batch), output_hidden_states=True)
+    assert torch.equal(stock.last_hidden_state, out.last_hidden_state)
+    assert all(torch.equal(a, b) for a, b in zip(stock.hidden_states, out.hidden_states, strict=True))
+
+
+def test_pooling(case):
+    modality, batch = case
+    mean, cls = encoder(modality)(batch), encoder(modality, CFG.model_copy(update={"pooling": "cls"}))(batch)
+    assert torch.equal(cls.pooled, cls.last_hidden_state[:, 0])  # [CLS] (ViT) or the tokenizer's first token
+    if mean.attention_mask is None:  # ViT: mean of the patch states, [CLS] left out
+        assert torch.allclose(mean.pooled, mean.tokens.mean(1), atol=1e-6)
+    else:  # text: mean of the real tokens, padding left out
+        for i, n in enumerate(mean.attention_mask.sum(1).tolist()):
+            assert torch.allclose(mean.pooled[i], mean.last_hidden_state[i, :n].mean(0), atol=1e-6)
+
+
+def test_keep_runs_on_visible_positions_only(case):
+    modality, batch = case
+    enc = encoder(modality)
+    if not isinstance(enc, ViTEncoder):
+        with pytest.raises(NotImplementedError, match="mask them instead"):
+            enc(batch, keep=torch.zeros(batch_size(batch), 1, dtype=torch.long))
+        return
+    full = enc(batch)
+    b, n = batch_size(batch), enc.num_tokens(batch)
+    every = torch.arange(n).expand(b, n)
+    assert torch.allclose(enc(batch, keep=every).last_hidden_state, full.last_hidden_state, atol=1e-5)
+    # a shuffled keep gives the same patch states, shuffled: each patch keeps its position embedding
+    order = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i)) for i in range(b)])
+    shuffled = enc(batch, keep=order)
+    assert torch.allclose(shuffled.tokens, torch.gather(full.tokens, 1, order[..., None].expand(-1, -1, enc.hidden_size)),
+                          atol=1e-5)
+    few = enc(batch, keep=order[:, : n // 4])
+    assert few.last_hidden_state.shape == (b, 1 + n // 4, enc.hidden_size)
+    assert len(few.hidden_states) == enc.num_layers + 1 and few.pooled.shape == (b, enc.hidden_size)
+
+
+def test_mask_token_forward(case):
+    modality, batch = case
+    enc = encoder(modality)
+    full = enc(batch)
+    none = torch.zeros(batch_size(batch), enc.num_tokens(batch), dtype=torch.bool)
+    assert torch.equal(enc(batch, mask=none).last_hidden_state, full.last_hidden_state)
+    mask = random_mask(enc, batch)
+    assert mask.any()
+    masked = enc(batch, mask=mask)
+    assert not torch.allclose(masked.last_hidden_state, full.last_hidden_state)
+    # the stock model's own masking gives the same states
+    inputs = enc.model_inputs(batch)
+    if isinstance(enc, ViTEncoder):
+        stock = enc.model(**inputs, bool_masked_pos=mask)
+    else:
+        stock = enc.model(**{**inputs, "input_ids": inputs["input_ids"].masked_fill(mask, enc.mask_token_id)})
+    assert torch.allclose(stock.last_hidden_state, masked.last_hidden_state, atol=1e-6)
+
+
+def test_maskable_positions(case):
+    modality, batch = case
+    enc = encoder(modality)
+    allowed = enc.maskable(batch)
+    if isinstance(batch, dict):  # text: never padding, [CLS] or [SEP]
+        tok = modality.tokenizer
+        assert not allowed[batch["attention_mask"] == 0].any()
+        assert not allowed[:, 0].any() and not allowed[batch["input_ids"] == tok.sep_token_id].any()
+        assert allowed.sum(1).tolist() == (batch["attention_mask"].sum(1) - 2).tolist()
+    else:
+        assert allowed.all()
+
+
+def grads(enc, batch, **kwargs) -> dict[str, torch.Tensor | None]:
+    enc.zero_grad()
+    out = enc(batch, **kwargs)
+    g = torch.Generator().manual_seed(0)  # random directions: a plain sum of LayerNorm outputs has tiny gradients
+    loss = (out.pooled * torch.randn(out.pooled.shape, generator=g)).sum() + \
+        (out.last_hidden_state * torch.randn(out.last_hidden_state.shape, generator=g)).sum()
+    loss.backward()
+    return {name: p.grad for name, p in enc.named_parameters()}
+
+
+#: parameters a forward without ``mask`` does not use (MAE, CLIP, probes): the ViT mask token.
+#: Text masks by swapping ids for [MASK], a row of the word embeddings, so it has none.
+UNUSED_WITHOUT_MASK = {"model.embeddings.mask_token"}
+
+
+def test_gradients_reach_every_parameter(case):
+    modality, batch = case
+    enc = encoder(modality)
+    got = grads(enc, batch)
+    missing = {name for name, g in got.items() if g is None or not g.abs().sum() > 0}
+    assert missing <= UNUSED_WITHOUT_MASK
+    got = grads(enc, batch, mask=random_mask(enc, batch))
+    assert all(g is not None and g.abs().sum() > 0 for g in got.values())
+
+
+def test_export_loads_with_stock_automodel(case, tmp_path):
+    modality, batch = case
+    enc = encoder(modality).eval()
+    enc.save_pretrained(tmp_path)
+    stock = AutoModel.from_pretrained(tmp_path)
+    assert type(stock) is type(enc.model)
+    assert stock.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        ours, theirs = enc(batch), stock(**enc.model_inputs(batch), output_hidden_states=True)
+    assert (ours.last_hidden_state - theirs.last_hidden_state).abs().max() < 1e-5
+    assert max((a - b).abs().max() for a, b in zip(ours.hidden_states, theirs.hidden_states, strict=True)) < 1e-5
+
+
+def test_attention_is_sdpa(case, monkeypatch):
+    modality, batch = case
+    enc = encoder(modality)
+    assert enc.model.config._attn_implementation == "sdpa"
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    enc(batch)
+    assert len(calls) == enc.num_layers
+
+
+def test_init_from_loads_earlier_weights(case, tmp_path):
+    modality, batch = case
+    first = encoder(modality, seed=1)
+    first.save_pretrained(tmp_path / "stage1")
+    second = encoder(modality, CFG.model_copy(update={"init_from": str(tmp_path / "stage1")}), seed=2)
+    mask = random_mask(first, batch)
+    assert torch.equal(second(batch).last_hidden_state, first(batch).last_hidden_state)
+    assert torch.equal(second(batch, mask=mask).pooled, first(batch, mask=mask).pooled)  # mask token too
+    deeper = CFG.model_copy(update={"init_from": str(tmp_path / "stage1"), "num_layers": 2})
+    with pytest.raises(ConfigError, match=r"init_from: .* num_hidden_layers 4, this encoder has 2"):
+        modality.encoder(deeper)
+    with pytest.raises(ConfigError, match="no config.json"):
+        modality.encoder(CFG.model_copy(update={"init_from": str(tmp_path / "nowhere")}))
+
+
+def test_patches(case):
+    modality, batch = case
+    enc = encoder(modality)
+    if not isinstance(enc, ViTEncoder):
+        with pytest.raises(NotImplementedError, match="MAE"):
+            enc.patchify(batch)
+        return
+    p, c = enc.patch_size, enc.channels
+    patches = enc.patchify(batch)
+    assert patches.shape == (batch_size(batch), enc.num_patches, p * p * c)
+    x = enc.model_inputs(batch)["pixel_values"]
+    assert torch.equal(enc.unpatchify(patches), x)
+    # patch n of the targets is token n of the model: perturb one patch, only that token's embedding moves
+    n = enc.num_patches - 2
+    bumped = enc.unpatchify(patches.index_add(1, torch.tensor([n]), torch.ones(x.shape[0], 1, p * p * c)))
+    with torch.no_grad():
+        moved = (enc.model.embeddings.patch_embeddings(bumped) - enc.model.embeddings.patch_embeddings(x)).abs().sum(-1)
+    assert moved[:, n].gt(0).all() and moved.gt(0).sum() == x.shape[0]
+
+
+def test_audio_drops_frames_that_fill_no_patch():
+    audio = registry.modality("audio")
+    modality = audio(audio.Config(n_mels=32, clip_seconds=0.5))
+    enc = encoder(modality)
+    assert modality.num_frames == 51 and enc.image_size == (32, 48) and enc.grid == (4, 6)
+    x = torch.randn(2, 1, 32, 51)
+    y = x.clone()
+    y[..., 48:] = 7.0
+    assert torch.equal(enc(x).last_hidden_state, enc(y).last_hidden_state)
+
+
+def test_size_presets():
+    assert {k: v["hidden_size"] for k, v in PRESETS.items()} == {"tiny": 192, "small": 384, "base": 768}
+    image = registry.modality("image")
+    modality = image(image.Config(size=32))
+    for size, dims in PRESETS.items():
+        with torch.device("meta"):  # shapes only: no memory, no init time
+            enc = modality.encoder(EncoderConfig(size=size))
+        assert (enc.hidden_size, enc.num_layers, enc.model.config.num_attention_heads) == \
+            (dims["hidden_size"], dims["num_layers"], dims["num_heads"])
+        assert enc.model.layers[0].mlp.fc1.out_features == 4 * dims["hidden_size"]
+    assert EncoderConfig(size="small", hidden_size=256, num_heads=4).resolved()["hidden_size"] == 256
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"size": "huge"}, "encoder: size: Input should be 'tiny', 'small' or 'base'"),
+    ({"hiden_size": 64}, "encoder: unknown key 'hiden_size' (did you mean 'hidden_size'?)"),
+    ({"pooling": "max"}, "encoder: pooling: Input should be 'mean' or 'cls'"),
+])
+def test_config_errors_name_the_key(data, message):
+    with pytest.raises(ConfigError) as e:
+        build(EncoderConfig, data, "encoder")
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_bad_sizes_are_config_errors():
+    image = registry.modality("image")
+    with pytest.raises(ConfigError, match=r"^encoder.hidden_size: 100 is not divisible by num_heads 3$"):
+        image(image.Config(size=32)).encoder(EncoderConfig(hidden_size=100))
+    with pytest.raises(ConfigError, match=r"^encoder.patch_size: 16 does not tile the 28×28 input"):
+        image(image.Config(size=28)).encoder(EncoderConfig())
