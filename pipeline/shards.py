@@ -70,14 +70,19 @@ def open_shards(spec: str | Path | Sequence[str | Path], base: Path | None = Non
         path = path / MANIFEST
     if path.name == MANIFEST:
         return read_manifest(path)
+    return ShardSet(tuple(Shard(f, count_samples(f)) for f in list_tar_files(path)))
+
+
+def list_tar_files(path: Path) -> list[str]:
+    """The tar files of a directory (without manifest), a brace pattern or a glob; all must exist."""
     if path.is_dir():
         files = sorted(str(p) for p in path.iterdir() if p.name.endswith(TAR_SUFFIXES))
     else:
         files = [f for pat in expand_braces(str(path)) for f in (sorted(glob.glob(pat)) or [pat])]
     missing = [f for f in files if not os.path.isfile(f)]
     if missing or not files:
-        raise ConfigError(f"shards {spec!s}: {'no such file ' + missing[0] if missing else 'no tar files found'}")
-    return ShardSet(tuple(Shard(f, count_samples(f)) for f in files))
+        raise ConfigError(f"shards {path}: {'no such file ' + missing[0] if missing else 'no tar files found'}")
+    return files
 
 
 def read_manifest(path: Path) -> ShardSet:

@@ -11,7 +11,6 @@ first 16 and a few spread through it), ``--full`` decodes all of them. The summa
 
 from __future__ import annotations
 
-import glob
 import json
 import multiprocessing as mp
 import os
@@ -22,16 +21,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from pipeline import registry
-from pipeline.config import ConfigError
-from pipeline.shards import (
-    MANIFEST,
-    TAR_SUFFIXES,
-    ShardError,
-    expand_braces,
-    iter_samples,
-    read_manifest,
-    sha256_file,
-)
+from pipeline.shards import MANIFEST, ShardError, iter_samples, list_tar_files, read_manifest, sha256_file
 from pipeline.stage import Context, StageConfig
 
 HEAD, SPREAD = 16, 8  # samples decoded per shard without --full: the first HEAD, and SPREAD more spaced evenly
@@ -85,7 +75,7 @@ def shard_inputs(specs: list[str], ctx: Context) -> list[str]:
     out = []
     for spec in specs:
         path = ctx.path(spec)
-        out += [str(path)] if path.is_dir() or path.name == MANIFEST else _expand(path)
+        out += [str(path)] if path.is_dir() or path.name == MANIFEST else list_tar_files(path)
     return out
 
 
@@ -118,19 +108,8 @@ def resolve(specs: list[str], ctx: Context) -> list[Task]:
         if path.name == MANIFEST:
             tasks += [Task(s.path, s.count, s.sha256) for s in read_manifest(path).shards]
         else:
-            tasks += [Task(f) for f in _expand(path)]
+            tasks += [Task(f) for f in list_tar_files(path)]
     return tasks
-
-
-def _expand(path: Path) -> list[str]:
-    if path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.name.endswith(TAR_SUFFIXES))
-    else:
-        files = [f for pat in expand_braces(str(path)) for f in (sorted(glob.glob(pat)) or [pat])]
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing or not files:
-        raise ConfigError(f"shards {path}: {'no such file ' + missing[0] if missing else 'no tar files found'}")
-    return files
 
 
 def _short(path: Path) -> Path:
