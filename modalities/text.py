@@ -34,6 +34,7 @@ class Modality(Base):
     name = "text"
     extensions = ("txt",)
     Config = TextConfig
+    transform_needs_assets = True  # the tokenizer, trained after validation
 
     def __init__(self, cfg: TextConfig | None = None):
         super().__init__(cfg)

@@ -28,6 +28,9 @@ class Modality:
     #: shard keys holding this modality, in order of preference when a sample has several
     extensions: ClassVar[tuple[str, ...]]
     Config: ClassVar[type[ModalityConfig]]
+    #: ``transform`` needs something a pre-flight check may not have yet (text: a trained tokenizer),
+    #: so ``selfsup validate`` checks decoding only
+    transform_needs_assets: ClassVar[bool] = False
 
     def __init__(self, cfg: ModalityConfig | None = None):
         self.cfg = cfg if cfg is not None else self.Config()

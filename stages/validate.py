@@ -230,9 +230,8 @@ def _decode(ext: str, data: bytes, mods: dict) -> bool:
         mods[name] = registry.modality(name)(_PLAN.modality_cfgs.get(name))
     item = mods[name].decode(data, ext)
     # The transform (resize, crop, mel) only says more when the recipe gives the sizes training uses;
-    # without them it would resize every image to the default 224 px for nothing. Text's needs a
-    # trained tokenizer; UTF-8 is what can go wrong there.
-    if name != "text" and _PLAN.modality_cfgs.get(name) is not None:
+    # without them it would resize every image to the default 224 px for nothing.
+    if not mods[name].transform_needs_assets and _PLAN.modality_cfgs.get(name) is not None:
         mods[name].transform(item, None)
     return True
 
