@@ -26,21 +26,22 @@ WORDS = ["a", "red", "fox", "runs", "over", "the", "lazy", "dog", "while", "smal
 def _tokenizer(tmp) -> str:
     rng = random.Random(0)
     texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(60)]
-    write_shards(texts, lambda t: {"__key__": f"{hash(t) & 0xFFFFFF:x}{len(t)}", "txt": t.encode()}, tmp / "shards",
+    write_shards(list(enumerate(texts)), lambda it: {"__key__": f"t{it[0]:03d}", "txt": it[1].encode()}, tmp / "shards",
                  max_count=60, compress=False, workers=1, progress=False)
     tokenize.run(tokenize.Config(shards=[str(tmp / "shards")], vocab_size=120, min_frequency=1),
                  Context(out_dir=tmp / "tok", progress=False))
     return str(tmp / "tok")
 
 
-#: per modality: a small config and raw items fed through ``transform`` + ``collate``
+#: per modality: a small config and raw items fed through ``encode``, ``decode``, ``transform``, ``collate``
 SETUPS = {
     "image": lambda tmp: ({"size": 32, "channels": 3},
                           [np.random.default_rng(i).integers(0, 256, (40, 36, 3), dtype=np.uint8) for i in range(3)]),
     "text": lambda tmp: ({"tokenizer": _tokenizer(tmp), "max_length": 16},
                          ["the red fox", "small birds sing in green trees at night over the lazy dog", "a dog"]),
     "audio": lambda tmp: ({"n_mels": 32, "clip_seconds": 0.5},  # 51 frames: the encoder keeps 48 (patch 8)
-                          [torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.1 for n in (8000, 6000, 9000)]),
+                          [((torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.1).numpy(), 16000)
+                           for n in (8000, 6000, 9000)]),
 }
 
 
@@ -53,8 +54,7 @@ def case(request, tmp_path_factory):
     settings, raw = SETUPS[name](tmp_path_factory.mktemp(name))
     cls = registry.modality(name)
     modality = cls(cls.Config(**settings))
-    if name == "image":
-        raw = [modality.decode(modality.encode(x)[1], "png") for x in raw]
+    raw = [modality.decode(*reversed(modality.encode(x))) for x in raw]  # raw item → shard bytes → decoded
     return modality, modality.collate([modality.transform(x, None) for x in raw])
 
 
