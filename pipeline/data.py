@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -183,7 +184,7 @@ class StreamingDataset(IterableDataset):
                 item = self._prepare(name, mods, *got, skips)
                 if item is not None:
                     items.append(item)
-                    keys.append(f"{name}:{Path(got[1]).name}:{got[2]['__key__']}")
+                    keys.append(f"{name}:{os.path.basename(got[1])}:{got[2]['__key__']}")
             if not items or (len(items) < ld.cfg.batch_size and ld.cfg.drop_last):
                 if skips:  # nothing to hand out, but the skips must still be reported and counted
                     yield {"__meta__": {"stream": stream, "state": copy.deepcopy(state), "keys": [],
@@ -220,7 +221,7 @@ def prepare_sample(sample: dict, src: SourceConfig, mods: dict, seed: int, epoch
     """Raw shard sample → per-sample tensors for every modality of ``src`` (+ label).
     ``epoch=None`` means no augmentation. Raises ``SampleError`` naming shard, key and cause."""
     key = sample["__key__"]
-    rng_key = f"{Path(path).name}:{key}"
+    rng_key = f"{os.path.basename(path)}:{key}"
     out: dict[str, Any] = {"__key__": key}
     for m in src.modalities:
         mod = mods[m]
