@@ -12,6 +12,8 @@ import io
 import math
 import random
 import re
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +75,9 @@ class Modality(Base):
     def decode(self, data: bytes, ext: str) -> Image.Image:
         if not data:
             raise ValueError(f"empty {ext} (0 bytes)")
-        try:
-            img = Image.open(io.BytesIO(data))
-            img.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            # PIL names its in-memory buffer ("<_io.BytesIO object at 0x…>"), which tells a reader nothing
-            reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
-            raise ValueError(f"cannot decode {ext}: {reason}") from None
+        img = _plain_png(data)
+        if img is None:
+            img = _open(data, ext)
         return img if img.mode == self._mode else img.convert(self._mode)
 
     def transform(self, img: Image.Image, rng: random.Random | None) -> torch.Tensor:
@@ -91,8 +89,10 @@ class Modality(Base):
         out = img.resize((size, size), Image.BILINEAR, box=box)
         if rng is not None and self.cfg.hflip and rng.random() < 0.5:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        arr = np.asarray(out)
-        return torch.from_numpy(arr.reshape(size, size, -1).copy())  # [H, W, C] uint8
+        # The pixels copied once into a writable buffer; numpy reshapes it for a fraction of the
+        # cost of a tensor view, and ``from_numpy`` shares the memory.
+        arr = np.frombuffer(bytearray(out.tobytes()), np.uint8).reshape(size, size, -1)
+        return torch.from_numpy(arr)  # [H, W, C] uint8
 
     def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
         x = torch.stack(items).permute(0, 3, 1, 2).float()  # [B, C, H, W]
@@ -101,6 +101,77 @@ class Modality(Base):
     def encoder(self, cfg: EncoderConfig | None = None) -> ViTEncoder:
         """A ViT over ``size``×``size`` images of ``channels`` channels; ``cfg.patch_size`` must divide ``size``."""
         return ViTEncoder(cfg or EncoderConfig(), (self.cfg.size, self.cfg.size), self.cfg.channels)
+
+
+def _open(data: bytes, ext: str) -> Image.Image:
+    """Any image file PIL reads, fully loaded; ``ValueError`` saying why not otherwise."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        # PIL names its in-memory buffer ("<_io.BytesIO object at 0x…>"), which tells a reader nothing
+        reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+        raise ValueError(f"cannot decode {ext}: {reason}") from None
+    return img
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: (bit depth, colour type) → PIL mode (= raw mode) of the PNGs ``_plain_png`` decodes
+_PLAIN_MODES = {(8, 0): "L", (8, 2): "RGB", (8, 4): "LA", (8, 6): "RGBA"}
+#: ancillary chunks PIL records in ``info`` without changing the decoded pixels
+_INERT_CHUNKS = frozenset({b"gAMA", b"sRGB", b"pHYs", b"tEXt", b"zTXt", b"iTXt", b"tIME", b"cHRM",
+                           b"iCCP", b"bKGD", b"sBIT", b"eXIf"})
+
+
+def _plain_png(data: bytes) -> Image.Image | None:
+    """A non-interlaced 8-bit PNG without palette or transparency, decoded by PIL's own zlib/unfilter
+    decoder from the concatenated IDAT data: the same pixels as ``Image.open`` + ``load`` without its
+    file-object parsing, which costs more than the decoding itself on small images. None for any
+    other PNG, or anything unusual (bad CRC, truncation, huge size), which ``_open`` then handles,
+    errors included."""
+    if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
+        return None
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
+    mode = _PLAIN_MODES.get((depth, colour))
+    limit = Image.MAX_IMAGE_PIXELS  # above it PIL warns or refuses: leave that to PIL
+    if mode is None or compression or filtering or interlace or not width * height or \
+            limit is not None and width * height > limit:
+        return None
+    idat = _idat(data)
+    if idat is None:
+        return None
+    try:
+        return Image.frombytes(mode, (width, height), idat, "zip", mode)
+    except (ValueError, OSError):
+        return None
+
+
+def _idat(data: bytes) -> bytes | None:
+    """The image data of a PNG whose chunks are IHDR, inert chunks, one run of IDAT, inert chunks,
+    IEND, with the CRCs that PIL checks (those before the image data) intact; None otherwise."""
+    pos, end, parts = 8, len(data), []
+    after_idat = False  # an IDAT run has ended: another IDAT would be one PIL never reads
+    while pos + 12 <= end:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        body, crc = pos + 8, pos + 8 + length
+        if crc + 4 > end:
+            return None
+        if kind == b"IDAT":
+            if after_idat:
+                return None
+            parts.append(data[body:crc])
+        elif kind == b"IEND":
+            return b"".join(parts) if parts else None
+        elif parts:
+            if kind not in _INERT_CHUNKS:
+                return None
+            after_idat = True
+        elif (kind == b"IHDR") != (pos == 8) or kind != b"IHDR" and kind not in _INERT_CHUNKS:
+            return None
+        elif zlib.crc32(data[pos + 4:crc]) != int.from_bytes(data[crc:crc + 4], "big"):
+            return None
+        pos = crc + 4
+    return None
 
 
 def _center_box(w: int, h: int) -> tuple[float, float, float, float]:
