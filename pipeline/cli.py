@@ -147,6 +147,7 @@ def _stage(args) -> int:
         recipe, modalities = load_recipe(args._recipe)
         ctx.sources, ctx.modalities, ctx.seed = recipe.sources, modalities, recipe.seed
         ctx.base_dir = Path(args._recipe).resolve().parent
+        ctx.run_dir = (Path("runs") / recipe.name).resolve()  # where `selfsup run` puts its stages: {run}
     summary = run_stage(module, cfg, ctx, digest="cli", force=True, clear=False)
     status = summary.get("status", "ok") if isinstance(summary, dict) else "ok"
     return 1 if status == "failed" else 0

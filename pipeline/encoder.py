@@ -95,6 +95,9 @@ class Encoder(nn.Module):
     #: config fields that fix the weights' shapes; ``init_from`` must match them
     architecture: ClassVar[tuple[str, ...]] = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     num_prefix_tokens = 0
+    #: fraction of positions a masked-prediction objective hides by default (data2vec): BERT's 15 %
+    #: for tokens, data2vec's 60 % for patches
+    default_mask_ratio: ClassVar[float] = 0.15
 
     def __init__(self, model, cfg: EncoderConfig, where: str = "encoder"):
         super().__init__()
@@ -107,6 +110,13 @@ class Encoder(nn.Module):
 
     def forward(self, inputs, *, keep: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> EncoderOutput:
         raise NotImplementedError
+
+    @property
+    def mask_token(self) -> nn.Parameter | None:
+        """The learned vector ``mask=`` puts in place of a position, if it is a parameter of its own
+        (a ViT's; BERT's [MASK] is a row of the vocabulary). Objectives that never mask leave it
+        without gradient, so a stage freezes it unless one of its objectives uses it."""
+        return None
 
     def model_inputs(self, inputs) -> dict:
         """Keyword arguments of the stock ``.model`` for a batch (export parity checks)."""
@@ -159,6 +169,7 @@ class ViTEncoder(Encoder):
     model_kwargs: ClassVar[dict] = {"add_pooling_layer": False, "use_mask_token": True}
     architecture = Encoder.architecture + ("image_size", "patch_size", "num_channels")
     num_prefix_tokens = 1
+    default_mask_ratio = 0.6
 
     def __init__(self, cfg: EncoderConfig, image_size: tuple[int, int], channels: int, where: str = "encoder"):
         from transformers import ViTConfig, ViTModel
@@ -209,6 +220,10 @@ class ViTEncoder(Encoder):
         last = m.layernorm(h)
         return EncoderOutput(last, tuple(hidden), self._pool(last), None, self.num_prefix_tokens)
 
+    @property
+    def mask_token(self) -> nn.Parameter:
+        return self.model.embeddings.mask_token
+
     def model_inputs(self, inputs) -> dict:
         return {"pixel_values": self.prepare(inputs)}
 
@@ -255,6 +270,8 @@ class BertEncoder(Encoder):
                             max_position_embeddings=max(512, max_length), attn_implementation="sdpa")
         super().__init__(BertModel(config, **self.model_kwargs), cfg, where)
         self.mask_token_id: int = tokenizer.mask_token_id
+        #: the tokenizer the vocabulary belongs to (MLM masking, export beside the weights)
+        self.tokenizer = tokenizer
         self.register_buffer("special_ids", torch.tensor(sorted(tokenizer.all_special_ids)), persistent=False)
 
     def forward(self, inputs, *, keep=None, mask=None) -> EncoderOutput:

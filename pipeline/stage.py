@@ -50,6 +50,13 @@ class Context:
         p = Path(text)
         return p if p.is_absolute() else self.base_dir / p
 
+    def modality_config(self, name: str):
+        """The recipe's settings of modality ``name`` (None if it gives none), ``{run}`` expanded."""
+        cfg = self.modalities.get(name)
+        if cfg is None:
+            return None
+        return cfg.model_copy(update={k: str(self.path(v)) for k, v in cfg if isinstance(v, str) and "{run}" in v})
+
     def source(self, name: str):
         if name not in self.sources:
             from pipeline.config import _suggest

@@ -1,0 +1,81 @@
+"""Training health: catch divergence and collapse while they can still be acted on.
+
+Watched every step: a non-finite loss (or gradient norm). Watched every ``every`` steps, on the
+embeddings the objectives report: the standard deviation of the L2-normalized embedding per
+dimension (→ 0 when every input maps to the same point, the collapse every self-supervised method
+fears) and the effective rank of the batch of embeddings (exp of the entropy of the normalized
+singular values, RankMe: → 1 when they span a single direction); data2vec's target variance (→ 0
+when the teacher has collapsed) and CLIP's logit scale (non-finite, or above a bound if set).
+
+What happens is configurable: ``warn`` logs and skips the bad step, ``stop`` ends the run with a
+message naming the problem (the last good checkpoint stays), ``rollback`` reloads the last good
+checkpoint, lowers the learning rate and goes on (at most ``max_rollbacks`` times, then stops).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from pipeline.config import Config
+
+
+class HealthConfig(Config):
+    action: Literal["warn", "stop", "rollback"] = "rollback"
+    #: steps between embedding checks (the loss is checked every step)
+    every: int = Field(10, ge=1)
+    #: collapse when the per-dimension std of normalized embeddings, × sqrt(width), falls below this
+    min_std: float = Field(0.01, ge=0)
+    #: collapse when the effective rank of a batch of embeddings falls below this
+    min_rank: float = Field(1.05, ge=0)
+    #: data2vec: collapse when the teacher's target variance falls below this
+    min_target_var: float = Field(1e-4, ge=0)
+    #: CLIP: flag a logit scale above this (None: only a non-finite one)
+    max_logit_scale: float | None = None
+    #: rollback: learning-rate multiplier applied at each rollback, and how many are allowed
+    lr_factor: float = Field(0.5, gt=0, le=1)
+    max_rollbacks: int = Field(3, ge=0)
+
+
+class HealthError(RuntimeError):
+    """The run was stopped by the health monitor; the message says why and where to resume from."""
+
+
+def embedding_stats(embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``health/<modality>/std`` and ``health/<modality>/rank`` of each [B, D] embedding batch."""
+    out = {}
+    for m, e in embeddings.items():
+        z = F.normalize(e.float(), dim=-1)
+        out[f"health/{m}/std"] = z.std(0).mean() * math.sqrt(z.shape[-1]) if len(z) > 1 else z.new_tensor(1.0)
+        out[f"health/{m}/rank"] = effective_rank(z)
+    return out
+
+
+def effective_rank(z: torch.Tensor) -> torch.Tensor:
+    """exp(entropy of the normalized singular values of the centered batch); 0 for a constant batch."""
+    s = torch.linalg.svdvals(z - z.mean(0, keepdim=True))
+    if s.sum() <= 1e-8 * max(1, z.shape[-1]):
+        return z.new_tensor(0.0)
+    p = s / s.sum()
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
+
+
+def diagnose(cfg: HealthConfig, metrics: dict[str, float]) -> str | None:
+    """The first problem in a step's (process-averaged) metrics, as a sentence, or None."""
+    for key, value in metrics.items():
+        if not math.isfinite(value):
+            return f"{key} is {value}"
+    for key, value in metrics.items():
+        if key.startswith("health/") and key.endswith("/std") and value < cfg.min_std:
+            return f"embeddings collapsed: {key} = {value:.3g} < min_std {cfg.min_std}"
+        if key.startswith("health/") and key.endswith("/rank") and value < cfg.min_rank:
+            return f"embeddings collapsed: {key} = {value:.3g} < min_rank {cfg.min_rank}"
+        if key.endswith("/target_var") and value < cfg.min_target_var:
+            return f"teacher targets collapsed: {key} = {value:.3g} < min_target_var {cfg.min_target_var}"
+        if key.endswith("/logit_scale") and cfg.max_logit_scale is not None and value > cfg.max_logit_scale:
+            return f"{key} = {value:.3g} > max_logit_scale {cfg.max_logit_scale}"
+    return None

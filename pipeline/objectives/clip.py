@@ -1,0 +1,114 @@
+"""CLIP: align two modalities (image–text, audio–text) by a contrastive loss over the batch.
+
+Each tower's pooled embedding goes through a linear projection to a shared space and is L2
+normalized; the loss is ``open_clip.loss.ClipLoss`` with a learnable temperature (logit scale
+clamped at ``max_logit_scale``), features gathered across processes with gradient, so every
+process contrasts against the global batch.
+
+Gradient accumulation keeps the whole accumulated batch as negatives. ``begin_step`` embeds every
+micro-batch of the step without gradient; micro-batch i then recomputes its own features with
+gradient and the loss runs over the cached features of all the others plus these. Summed over the
+micro-batches this gives exactly the gradient of one big batch (each sample's features get their
+gradient in the one pass where they are live), at the cost of one extra forward without gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+
+from pipeline.objective import Objective as Base
+from pipeline.objective import ObjectiveConfig
+
+
+class Config(ObjectiveConfig):
+    #: the two towers; the first plays open_clip's "image" role, the second its "text" role
+    modalities: list[str] = Field(default_factory=lambda: ["image", "text"])
+    #: width of the shared space (default: the narrower tower's width)
+    embed_dim: int | None = Field(None, ge=1)
+    init_temperature: float = Field(0.07, gt=0)
+    max_logit_scale: float = Field(100.0, gt=0)
+    #: each process scores only its own rows against the global batch (less memory, same gradient)
+    local_loss: bool = False
+
+    @field_validator("modalities")
+    @classmethod
+    def _two(cls, v: list[str]) -> list[str]:
+        if len(v) != 2 or v[0] == v[1]:
+            raise ValueError("CLIP aligns exactly two different modalities, e.g. [image, text]")
+        return v
+
+
+class Objective(Base):
+    Config = Config
+
+    def __init__(self, cfg: Config, encoders, name: str = "clip", seed: int = 0):
+        super().__init__(cfg, encoders, name, seed)
+        dim = cfg.embed_dim or min(encoders[m].hidden_size for m in cfg.modalities)
+        self.proj = nn.ModuleDict({m: nn.Linear(encoders[m].hidden_size, dim, bias=False) for m in cfg.modalities})
+        for p in self.proj.values():
+            nn.init.normal_(p.weight, std=p.in_features ** -0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        self._cache: dict[tuple, dict[str, torch.Tensor]] = {}  # micro-batch keys → features without grad
+        self._order: list[tuple] = []
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.cfg.modalities)
+
+    def features(self, batch: dict, m: str) -> torch.Tensor:
+        """[B, E] L2-normalized projection of the pooled embedding of modality ``m``."""
+        return F.normalize(self.proj[m](self.encoders[m](batch[m]).pooled).float(), dim=-1)
+
+    def begin_step(self, micro_batches: list[dict]) -> None:
+        self._cache, self._order = {}, []
+        if len(micro_batches) > 1:
+            for mb in micro_batches:
+                key = _batch_id(mb)
+                self._order.append(key)
+                self._cache[key] = {m: self.features(mb, m) for m in self.modalities}
+
+    def forward(self, batch: dict) -> dict:
+        a, b = self.modalities
+        live = {m: self.features(batch, m) for m in self.modalities}
+        scale = self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+        key, k = _batch_id(batch), len(self._order)
+        if key in self._cache:
+            i = self._order.index(key)
+            feats = {m: torch.cat([self._cache[o][m] if o != key else live[m] for o in self._order]) for m in live}
+            if i:  # the scale's gradient is that of the big batch once, not once per micro-batch
+                scale = scale.detach()
+        else:
+            feats, k = live, 1
+        loss = self.loss(feats[a], feats[b], scale)
+        if k > 1:
+            # the trainer averages micro-batch losses; the live features' share of the big batch's
+            # gradient is k times that average's: same value, k-fold gradient
+            loss = k * loss - (k - 1) * loss.detach()
+        with torch.no_grad():
+            hits = (live[a] @ live[b].T).argmax(-1) == torch.arange(len(live[a]), device=live[a].device)
+        return {"loss": loss, "logit_scale": scale.detach(), "accuracy": hits.float().mean(),
+                "embeddings": {m: v.detach() for m, v in live.items()}}
+
+    def loss(self, fa: torch.Tensor, fb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """open_clip's ClipLoss over this process's rows and, with several processes, everyone's."""
+        from open_clip.loss import ClipLoss
+
+        rank, world = _world()
+        return ClipLoss(local_loss=self.cfg.local_loss, gather_with_grad=True, rank=rank, world_size=world)(fa, fb, scale)
+
+
+def _batch_id(batch: dict) -> tuple:
+    return batch.get("__source__"), tuple(batch["__key__"])
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

@@ -1,0 +1,92 @@
+"""MAE: hide most patches, encode the visible ones only, reconstruct the hidden ones.
+
+Image pixels or audio log-mel patches (Audio-MAE) alike: anything whose encoder has patches. The
+encoder runs on the kept 25 % (``keep=``), which is where MAE's speed comes from; a light decoder
+sees the encoded patches plus a learned mask token at every hidden position and predicts the
+patch values, each patch normalized by its own mean and variance (``norm_pix_loss``). The loss is
+the mean squared error over hidden patches only.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from pipeline.config import ConfigError
+from pipeline.objective import Objective as Base
+from pipeline.objective import ObjectiveConfig
+
+
+class Config(ObjectiveConfig):
+    modality: str = "image"
+    #: fraction of patches hidden from the encoder
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    decoder_width: int = 128
+    decoder_layers: int = 2
+    decoder_heads: int = 4
+    #: regress each patch normalized by its own mean and variance (MAE's better-probing target)
+    norm_pix_loss: bool = True
+
+
+class Objective(Base):
+    Config = Config
+
+    def __init__(self, cfg: Config, encoders, name: str = "mae", seed: int = 0):
+        super().__init__(cfg, encoders, name, seed)
+        enc = encoders[cfg.modality]
+        if not hasattr(enc, "num_patches"):
+            raise ConfigError(f"objectives.{name}.modality: {cfg.modality} has no patches to reconstruct; "
+                              f"MAE trains patch encoders (image, audio), use mlm or data2vec for text")
+        if cfg.decoder_width % cfg.decoder_heads:
+            raise ConfigError(f"objectives.{name}.decoder_width: {cfg.decoder_width} is not divisible by "
+                              f"decoder_heads {cfg.decoder_heads}")
+        w, n = cfg.decoder_width, enc.num_patches
+        self.num_keep = max(1, round(n * (1 - cfg.mask_ratio)))
+        self.embed = nn.Linear(enc.hidden_size, w)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, w) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, 1 + n, w) * 0.02)  # [CLS] + grid, learned
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(w, cfg.decoder_heads, 4 * w, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True, layer_norm_eps=1e-6)
+            for _ in range(cfg.decoder_layers))
+        self.norm = nn.LayerNorm(w, eps=1e-6)
+        self.head = nn.Linear(w, enc.patch_size ** 2 * enc.channels)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return (self.cfg.modality,)
+
+    def forward(self, batch: dict) -> dict:
+        x = batch[self.cfg.modality]
+        enc = self.encoders[self.cfg.modality]
+        keep, restore = self.shuffle(batch, enc.num_patches)
+        out = enc(x, keep=keep)  # [B, 1 + n_keep, D]
+        pred = self.forward_decoder(out.last_hidden_state, restore)  # [B, N, p·p·C]
+        hidden = (restore >= self.num_keep).float()  # [B, N] 1 where the encoder did not look
+        return {"loss": self.forward_loss(enc.patchify(x), pred, hidden), "embeddings": {self.cfg.modality: out.pooled.detach()}}
+
+    def shuffle(self, batch: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """keep [B, n_keep]: patches the encoder sees; restore [B, N]: rank of each patch in the
+        shuffled order (patch j was kept iff restore[:, j] < n_keep)."""
+        order = self.noise(batch, n).argsort(dim=1)  # ascending noise: the first n_keep are kept
+        return order[:, : self.num_keep], order.argsort(dim=1)
+
+    def forward_decoder(self, latent: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
+        """latent [B, 1 + n_keep, D] → predicted patch values [B, N, p·p·C] in grid order."""
+        h = self.embed(latent)  # [B, 1 + n_keep, W]
+        b, n = restore.shape
+        filled = torch.cat([h[:, 1:], self.mask_token.expand(b, n - self.num_keep, -1)], dim=1)  # shuffled order
+        filled = torch.gather(filled, 1, restore.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # grid order
+        h = torch.cat([h[:, :1], filled], dim=1) + self.pos
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h))[:, 1:]
+
+    def forward_loss(self, target: torch.Tensor, pred: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """target, pred [B, N, P]; hidden [B, N] → mean squared error over hidden patches."""
+        if self.cfg.norm_pix_loss:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        per_patch = (pred.float() - target.float()).pow(2).mean(-1)  # [B, N]
+        return (per_patch * hidden).sum() / hidden.sum()

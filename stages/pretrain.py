@@ -1,0 +1,114 @@
+"""Pretrain encoders with one or more objectives (mlm, mae, data2vec, clip) on the recipe's sources.
+
+    selfsup pretrain --recipe recipes/starter.yaml --sources '[fmnist]' --objectives '{mae: {}}' --steps 300
+    accelerate launch --config_file accelerate_config.yaml -m pipeline.cli pretrain --recipe ... (many processes)
+
+Several objectives train at once as a weighted sum; each sees the batches of the sources holding
+its modalities (``sources: {fmnist: 3, emoji: 1}`` mixes them by weight). An encoder may start from
+an earlier stage's output (``encoders: {image: {init_from: "{run}/pretrain_mae/encoders/image"}}``).
+Writes ``checkpoints/`` (resumed from when the stage runs again), ``metrics.jsonl``, ``tb/`` and, at
+the end, ``encoders/<modality>/``: stock transformers models (+ tokenizer for text).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from pipeline import registry
+from pipeline.config import ConfigError, build
+from pipeline.data import LoaderConfig
+from pipeline.encoder import EncoderConfig
+from pipeline.stage import Context, StageConfig
+from pipeline.trainer import TrainerConfig
+
+
+class Config(TrainerConfig, StageConfig):
+    #: recipe sources to train on: a list, or {source: weight} to override their mixing weights
+    sources: list[str] | dict[str, float]
+    #: {name: settings}; the objective is ``settings.objective`` or, by default, the name itself
+    objectives: dict[str, dict[str, Any]]
+    #: per-modality encoder settings (size, patch_size, pooling, init_from …)
+    encoders: dict[str, EncoderConfig] = Field(default_factory=dict)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+
+    @field_validator("objectives")
+    @classmethod
+    def _known(cls, v: dict[str, dict]) -> dict[str, dict]:
+        if not v:
+            raise ValueError("name at least one objective, e.g. {mae: {}}")
+        for name, settings in v.items():
+            objective_config(name, settings)  # typos inside an objective fail when the recipe loads
+        return v
+
+
+def objective_config(name: str, settings: dict | None):
+    settings = dict(settings or {})
+    kind = settings.pop("objective", name)
+    module = registry.module("objective", kind)
+    return module, build(module.Config, settings, f"objectives.{name} ({kind})")
+
+
+def inputs(cfg: Config, ctx: Context) -> list[str]:
+    shards = [s for n in cfg.sources for s in _as_list(ctx.source(n).shards)] if ctx.sources else []
+    return [str(ctx.path(p)) for p in shards] + [str(ctx.path(e.init_from)) for e in cfg.encoders.values() if e.init_from]
+
+
+def run(cfg: Config, ctx: Context) -> dict:
+    import torch
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    from pipeline.data import StreamingLoader
+    from pipeline.objective import Learner
+    from pipeline.trainer import train
+
+    built = {name: objective_config(name, s) for name, s in cfg.objectives.items()}
+    # several objectives see different batches (a mixture), so some parameters sit out some steps
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=len(built) > 1)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    torch.manual_seed(ctx.seed)  # the same initial weights on every process and every run
+
+    needed = sorted({m for module, ocfg in built.values() for m in _modalities(ocfg)})
+    mods = {m: registry.modality(m)(ctx.modality_config(m)) for m in needed}
+    encoders = {}
+    for m in needed:
+        ecfg = cfg.encoders.get(m, EncoderConfig())
+        if ecfg.init_from:
+            ecfg = ecfg.model_copy(update={"init_from": str(ctx.path(ecfg.init_from))})
+        encoders[m] = mods[m].encoder(ecfg)
+    objectives = {name: module.Objective(ocfg, encoders, name, ctx.seed) for name, (module, ocfg) in built.items()}
+    learner = Learner(encoders, objectives)
+    loader = StreamingLoader(_sources(cfg, ctx, needed), cfg.loader, {m: mods[m].cfg for m in needed}, seed=ctx.seed,
+                             rank=accelerator.process_index, world_size=accelerator.num_processes, base_dir=ctx.base_dir)
+    resolved = cfg.model_dump(mode="json")
+    summary = train(learner, loader, cfg, ctx.out_dir, accelerator, resolved, progress=ctx.progress)
+    if accelerator.is_main_process:
+        for m, enc in encoders.items():
+            enc.save_pretrained(ctx.out_dir / "encoders" / m)
+            if getattr(enc, "tokenizer", None) is not None:
+                enc.tokenizer.save_pretrained(str(ctx.out_dir / "encoders" / m))
+    accelerator.wait_for_everyone()
+    ctx.log.info("trained %d steps; encoders in %s", summary["step"], ctx.out_dir / "encoders")
+    return summary
+
+
+def _modalities(ocfg) -> list[str]:
+    return list(getattr(ocfg, "modalities", None) or [ocfg.modality])
+
+
+def _sources(cfg: Config, ctx: Context, needed: list[str]) -> dict:
+    """The stage's sources, each decoding only the modalities some objective reads."""
+    out = {}
+    weights = cfg.sources if isinstance(cfg.sources, dict) else {}
+    for name in cfg.sources:
+        src = ctx.source(name)
+        mods = [m for m in src.modalities if m in needed]
+        if not mods:
+            raise ConfigError(f"sources: {name} holds {', '.join(src.modalities)}, which no objective of this stage trains")
+        out[name] = src.model_copy(update={"modalities": mods, "weight": weights.get(name, src.weight)})
+    return out
+
+
+def _as_list(x) -> list:
+    return x if isinstance(x, list) else [x]
