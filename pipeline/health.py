@@ -66,9 +66,9 @@ def effective_rank(z: torch.Tensor) -> torch.Tensor:
 
 def diagnose(cfg: HealthConfig, metrics: dict[str, float]) -> str | None:
     """The first problem in a step's (process-averaged) metrics, as a sentence, or None."""
-    for key, value in metrics.items():
-        if not math.isfinite(value):
-            return f"{key} is {value}"
+    for key in sorted(metrics, key=lambda k: k != "loss"):  # the loss first: it names the cause best
+        if not math.isfinite(metrics[key]):
+            return f"{key} is {metrics[key]}"
     for key, value in metrics.items():
         if key.startswith("health/") and key.endswith("/std") and value < cfg.min_std:
             return f"embeddings collapsed: {key} = {value:.3g} < min_std {cfg.min_std}"

@@ -143,7 +143,7 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
             save(ckpt_dir, run, learner, opt, loader, accelerator, cfg, resolved)
     bar.close()
     logger.close()
-    return {"step": run["step"], "rollbacks": run["rollbacks"], **{k: round(v, 5) for k, v in metrics.items()}}
+    return {"step": run["step"], "rollbacks": run["rollbacks"], **{k: _short(v) for k, v in metrics.items()}}
 
 
 def _unhealthy(problem, step, run, cfg, ckpt_dir, learner, opt, loader, accelerator, batches):
@@ -219,7 +219,7 @@ class MetricsLog:
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
+        self.file.write(json.dumps({"step": step, **{k: _short(v) for k, v in metrics.items()}}) + "\n")
         self.file.flush()
         for key, value in metrics.items():
             self.tb.add_scalar(key, value, step)
@@ -228,6 +228,11 @@ class MetricsLog:
         if self.file is not None:
             self.file.close()
             self.tb.close()
+
+
+def _short(value: float) -> float:
+    """Six significant digits: readable logs that keep small learning rates meaningful."""
+    return float(f"{value:.6g}")
 
 
 def _bar(total: int, initial: int, enabled: bool):

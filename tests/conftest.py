@@ -38,3 +38,15 @@ def image_shards(out: Path, n: int = 120, per_shard: int = 10, compress: bool = 
 @pytest.fixture
 def shards(tmp_path: Path) -> Path:
     return image_shards(tmp_path / "shards")
+
+
+@pytest.fixture(scope="session")
+def starter_tokenizer(tmp_path_factory) -> str:
+    """A small WordPiece vocabulary trained on starter texts (the test splits: quick to read)."""
+    from pipeline.stage import Context
+    from stages import tokenize
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    shards = [str(STARTER / name / "test") for name in ("wordnet", "emoji", "speech")]
+    tokenize.run(tokenize.Config(shards=shards, vocab_size=2000), Context(out_dir=out, progress=False))
+    return str(out)

@@ -1,0 +1,256 @@
+"""The training loop: schedules, weight-decay groups, checkpoints that survive SIGKILL and resume
+bitwise, and the health monitor acting on collapse and NaN (and staying quiet on a healthy run)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import image_shards
+from safetensors.torch import load_file
+
+from modalities.image import ImageConfig
+from modalities.image import Modality as Image
+from pipeline import checkpoint
+from pipeline.data import LoaderConfig, SourceConfig, StreamingLoader
+from pipeline.encoder import EncoderConfig
+from pipeline.health import HealthConfig, HealthError, effective_rank, embedding_stats
+from pipeline.objective import Learner
+from pipeline.objectives import mae
+from pipeline.trainer import OptimConfig, TrainerConfig, lr_at, param_groups, train
+
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "patch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return image_shards(tmp_path_factory.mktemp("train") / "shards", n=96, per_shard=12)
+
+
+def setup(data: Path, seed: int = 0):
+    torch.manual_seed(seed)
+    image = Image(ImageConfig(size=16))
+    encoders = {"image": image.encoder(EncoderConfig(**TINY))}
+    learner = Learner(encoders, {"mae": mae.Objective(mae.Config(decoder_width=32, decoder_heads=2, decoder_layers=1),
+                                                      encoders, "mae")})
+    loader = StreamingLoader({"imgs": SourceConfig(shards=str(data), modalities=["image"])},
+                             LoaderConfig(batch_size=8, num_workers=0), {"image": image.cfg}, seed=seed)
+    return learner, loader
+
+
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+def test_lr_schedule_is_warmup_then_cosine():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, final_lr_ratio=0.1)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1) and lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55) and lr_at(110, cfg, 110) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg, 110) >= lr_at(s + 1, cfg, 110) for s in range(10, 110))
+
+
+def test_no_weight_decay_on_norms_biases_embeddings_and_tokens(data):
+    learner, _ = setup(data)
+    decay, no_decay = param_groups(learner, 0.05)
+    names = {id(p): n for n, p in learner.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decayed and all(n.endswith("weight") for n in decayed)
+    assert not any(k in n for n in decayed for k in ("norm", "embeddings.cls", "position", "mask_token", ".pos"))
+    assert "encoders.image.model.embeddings.patch_embeddings.projection.weight" in decayed  # a conv
+    assert no_decay["weight_decay"] == 0 and len(decay["params"]) + len(no_decay["params"]) == \
+        sum(p.requires_grad for p in learner.parameters())
+
+
+def run_cli(out: Path, recipe: Path, steps: int, every: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pipeline.cli", "pretrain", "--recipe", str(recipe), "--out", str(out),
+           "--sources", "[imgs]", "--objectives", "{mae: {decoder_width: 32, decoder_heads: 2, decoder_layers: 1}}",
+           "--encoders", json.dumps({"image": TINY}), "--steps", str(steps), "--checkpoint-every", str(every),
+           "--keep-checkpoints", "50", "--log-every", "5",
+           "--loader", json.dumps({"batch_size": 8, "num_workers": 1, "ledger": str(out / "ledger")})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_then_resume_is_bitwise_identical(data, tmp_path):
+    """2N steps straight vs N steps, SIGKILL, resume: the same final weights, bit for bit, and the
+    ledger of consumed samples is the same (0 duplicates, 0 drops)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "r", "seed": 3, "sources": {"imgs": {"shards": str(data), "modalities": ["image"]}},
+                                  "modalities": {"image": {"size": 16}}, "stages": []}))
+    steps, every = 60, 10
+    straight = run_cli(tmp_path / "straight", recipe, steps, every)
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-2000:]
+
+    killed = run_cli(tmp_path / "killed", recipe, steps, every)
+    first = tmp_path / "killed" / "checkpoints" / f"step_{every:08d}"
+    deadline = time.time() + 300
+    while not first.is_dir() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    reached = checkpoint.latest(tmp_path / "killed" / "checkpoints")
+    assert reached is not None and int(reached.name[5:]) < steps
+
+    resumed = run_cli(tmp_path / "killed", recipe, steps, every)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+    a = load_file(tmp_path / "straight" / "checkpoints" / f"step_{steps:08d}" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "checkpoints" / f"step_{steps:08d}" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def ledger(out):
+        return [k for ln in (out / "ledger" / "rank00000.jsonl").read_text().splitlines() for k in json.loads(ln)["keys"]]
+
+    keys_a, keys_b = ledger(tmp_path / "straight"), ledger(tmp_path / "killed")
+    assert keys_a == keys_b and len(keys_a) == steps * 8
+    per_epoch = [keys_b[i: i + 96] for i in range(0, len(keys_b) - 95, 96)]
+    assert all(len(set(e)) == 96 for e in per_epoch)  # each epoch: every sample once
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    w = {"a": torch.ones(3)}
+    opt = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, step, w, opt, {"data": []}, keep=2)
+    (tmp_path / ".step_00000004.tmp-1").mkdir()  # a writer killed mid-way leaves only this behind
+    assert [p.name for p in sorted(tmp_path.glob("step_*"))] == ["step_00000002", "step_00000003"]
+    assert checkpoint.latest(tmp_path).name == "step_00000003"
+    weights, optimizer, state = checkpoint.load(tmp_path / "step_00000003")
+    assert torch.equal(weights["a"], w["a"]) and state["step"] == 3
+    assert torch.equal(optimizer["state"][0]["exp_avg"], torch.zeros(3)) and optimizer["param_groups"][0]["lr"] == 0.1
+
+
+def test_a_checkpoint_holding_nan_is_never_written(data, tmp_path):
+    from pipeline.trainer import save
+
+    learner, loader = setup(data)
+    acc = accelerator()
+    opt = torch.optim.AdamW(learner.parameters())
+    _, opt = acc.prepare(learner, opt)
+    with torch.no_grad():
+        learner.objectives["mae"].head.weight[0, 0] = float("nan")
+    with pytest.raises(HealthError, match="objectives.mae.head.weight is not finite"):
+        save(tmp_path, {"step": 4, "lr_scale": 1.0, "rollbacks": 0}, learner, opt, loader, acc, TrainerConfig(), {})
+    assert checkpoint.latest(tmp_path) is None
+
+
+def test_health_stats_tell_collapse_from_spread():
+    spread = torch.randn(64, 32)
+    constant = torch.ones(64, 32)
+    one_direction = torch.randn(64, 1) * torch.randn(1, 32)
+    assert effective_rank(constant) == 0 and effective_rank(one_direction) < 1.01
+    assert effective_rank(spread) > 20
+    s = embedding_stats({"image": constant, "text": spread})
+    assert s["health/image/std"] < 1e-6 and s["health/text/std"] > 0.5
+
+
+def trainer_cfg(action: str, **kw) -> TrainerConfig:
+    return TrainerConfig(steps=8, checkpoint_every=2, log_every=1, optim=OptimConfig(lr=1e-3, warmup_steps=1),
+                         health=HealthConfig(action=action, every=1, **kw))
+
+
+def test_healthy_run_triggers_nothing(data, tmp_path, caplog):
+    learner, loader = setup(data)
+    with caplog.at_level(logging.WARNING, logger="selfsup"):
+        summary = train(learner, loader, trainer_cfg("stop"), tmp_path, accelerator(), progress=False)
+    assert summary["step"] == 8 and summary["rollbacks"] == 0 and not caplog.records
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 9)) and "health/image/rank" in lines[-1]
+    assert list((tmp_path / "tb").iterdir())  # TensorBoard event file
+
+
+def collapse(learner: Learner) -> None:
+    """Constant encoder output: the final LayerNorm maps everything to 0, and stays so."""
+    norm = learner.encoders["image"].model.layernorm
+    with torch.no_grad():
+        norm.weight.zero_()
+        norm.bias.zero_()
+    norm.requires_grad_(False)
+
+
+def test_collapse_stops_the_run(data, tmp_path):
+    learner, loader = setup(data)
+    collapse(learner)
+    with pytest.raises(HealthError, match=r"step 1: embeddings collapsed: health/image/(std|rank)"):
+        train(learner, loader, trainer_cfg("stop"), tmp_path, accelerator(), progress=False)
+
+
+def test_collapse_warns_and_goes_on(data, tmp_path, caplog):
+    learner, loader = setup(data)
+    collapse(learner)
+    with caplog.at_level(logging.WARNING, logger="selfsup"):
+        summary = train(learner, loader, trainer_cfg("warn"), tmp_path, accelerator(), progress=False)
+    assert summary["step"] == 8 and sum("collapsed" in r.message for r in caplog.records) == 8
+
+
+def inject_nan(learner: Learner, at_step: int, times: int = 1) -> list[int]:
+    """The MAE loss becomes NaN at ``at_step`` the first ``times`` times that step runs."""
+    obj, hits = learner.objectives["mae"], []
+    forward = obj.forward
+
+    def poisoned(batch):
+        out = forward(batch)
+        if batch["__step__"] == at_step and len(hits) < times:
+            hits.append(at_step)
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    obj.forward = poisoned
+    return hits
+
+
+def test_nan_loss_rolls_back_with_a_lower_lr(data, tmp_path, caplog):
+    learner, loader = setup(data)
+    hits = inject_nan(learner, at_step=3)
+    with caplog.at_level(logging.WARNING, logger="selfsup"):
+        summary = train(learner, loader, trainer_cfg("rollback"), tmp_path, accelerator(), progress=False)
+    assert hits == [3] and summary["rollbacks"] == 1 and summary["step"] == 8
+    assert any("loss is nan; rolling back to step_00000002" in r.message for r in caplog.records)
+    assert summary["lr"] == pytest.approx(0.5 * lr_at(7, trainer_cfg("rollback").optim, 8), rel=1e-4)
+    for ckpt in (tmp_path / "checkpoints").glob("step_*"):
+        assert checkpoint.nonfinite(load_file(ckpt / "model.safetensors")) is None
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    learner, loader = setup(data)
+    inject_nan(learner, at_step=5)
+    with pytest.raises(HealthError, match=r"step 6: loss is nan; stopped, last good checkpoint: .*step_00000004"):
+        train(learner, loader, trainer_cfg("stop"), tmp_path, accelerator(), progress=False)
+    assert checkpoint.latest(tmp_path / "checkpoints").name == "step_00000004"
+
+
+def test_rollbacks_are_bounded(data, tmp_path):
+    learner, loader = setup(data)
+    inject_nan(learner, at_step=3, times=100)
+    with pytest.raises(HealthError, match="after 2 rollbacks"):
+        train(learner, loader, trainer_cfg("rollback", max_rollbacks=2), tmp_path, accelerator(), progress=False)
+
+
+def test_pretrain_stage_writes_encoders_stock_classes_load(data, tmp_path):
+    """The encoders a pretrain stage leaves load with ``AutoModel`` and compute what it trained."""
+    from transformers import AutoModel
+
+    from pipeline.stage import Context
+    from stages import pretrain
+
+    cfg = pretrain.Config(sources=["imgs"], objectives={"mae": {"decoder_width": 32, "decoder_heads": 2}},
+                          encoders={"image": TINY}, steps=3, loader={"batch_size": 8, "num_workers": 0})
+    ctx = Context(out_dir=tmp_path / "pt", sources={"imgs": SourceConfig(shards=str(data), modalities=["image"])},
+                  modalities={"image": ImageConfig(size=16)}, progress=False)
+    ctx.out_dir.mkdir()
+    summary = pretrain.run(cfg, ctx)
+    assert summary["step"] == 3 and (tmp_path / "pt" / "checkpoints" / "step_00000003").is_dir()
+    model = AutoModel.from_pretrained(tmp_path / "pt" / "encoders" / "image")
+    weights = load_file(tmp_path / "pt" / "checkpoints" / "step_00000003" / "model.safetensors")
+    # stock ViTModel adds a pooler the encoder never uses (its pooled embedding is its own)
+    exported = {k: v for k, v in model.state_dict().items() if not k.startswith("pooler.")}
+    assert exported and all(torch.equal(v, weights[f"encoders.image.model.{k}"]) for k, v in exported.items())
