@@ -21,12 +21,14 @@ by (seed, batch index), identical on every process, so mixtures keep ranks in st
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import random
+import struct
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -35,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import registry
 from pipeline.config import Config, ConfigError
+from pipeline.modality import Modality
 from pipeline.shards import ShardError, ShardSet, iter_samples, open_shards
 
 log = logging.getLogger(__name__)
@@ -75,9 +78,52 @@ def hash_int(*parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
+class SampleRandom(random.Random):
+    """A ``random.Random`` whose stream is BLAKE2b in counter mode over the bytes it was made from.
+
+    The loader makes one generator per sample, and seeding Mersenne Twister (624 words of state)
+    cost more than all the draws an augmentation makes; this costs one hash per 8 draws. Every
+    ``random.Random`` method works, as they all draw through ``random`` and ``getrandbits``."""
+
+    def __init__(self, material: bytes = b""):
+        self._material, self._block, self._words = material, 0, []
+        self.gauss_next = None  # what random.Random.__init__ would set, for gauss()
+
+    def seed(self, a: Any = None, version: int = 2) -> None:
+        self.__init__(os.urandom(32) if a is None else repr(a).encode())
+
+    def getstate(self) -> tuple:
+        return self._material, self._block, tuple(self._words), self.gauss_next
+
+    def setstate(self, state: tuple) -> None:
+        self._material, self._block, words, self.gauss_next = state
+        self._words = list(words)
+
+    def _refill(self) -> None:
+        block = hashlib.blake2b(self._material, digest_size=64, salt=self._block.to_bytes(16, "little"))
+        self._block += 1
+        self._words = list(struct.unpack("<8Q", block.digest()))
+
+    def random(self) -> float:
+        if not self._words:
+            self._refill()
+        return (self._words.pop() >> 11) * 2.0**-53
+
+    def getrandbits(self, k: int) -> int:
+        if k < 0:
+            raise ValueError("number of bits must be non-negative")
+        bits = value = 0
+        while bits < k:
+            if not self._words:
+                self._refill()
+            value |= self._words.pop() << bits
+            bits += 64
+        return value >> (bits - k)
+
+
 def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
     """The augmentation generator of one sample: a function of (seed, epoch, key) only."""
-    return random.Random(hash_int(seed, epoch, key))
+    return SampleRandom(repr((seed, epoch, key)).encode())
 
 
 def plan_epoch(shards: ShardSet, seed: int, source: str, epoch: int, n_streams: int) -> list[list[list[int]]]:
@@ -101,9 +147,10 @@ def initial_state(local: int, sources: list[str]) -> dict:
 class _SourceReader:
     """The sample sequence of one source within one stream; mutates ``state`` as it reads."""
 
-    def __init__(self, name: str, shards: ShardSet, state: dict, plan, stream: int, cfg: LoaderConfig, seed: int):
+    def __init__(self, name: str, shards: ShardSet, state: dict, plan, stream: int, cfg: LoaderConfig, seed: int,
+                 exts: frozenset[str] | None = None):
         self.name, self.shards, self.state, self.plan = name, shards, state, plan
-        self.stream, self.cfg, self.seed = stream, cfg, seed
+        self.stream, self.cfg, self.seed, self.exts = stream, cfg, seed, exts
         self._open: dict[tuple, Iterator] = {}
         #: (samples, reason) skipped since the last batch, reported with it
         self.skips: list[tuple[int, str]] = []
@@ -145,7 +192,7 @@ class _SourceReader:
         key = (epoch, shard, stop)
         it = self._open.get(key)
         if it is None:
-            it = self._open[key] = iter_samples(self.shards.shards[shard].path, start, stop)
+            it = self._open[key] = iter_samples(self.shards.shards[shard].path, start, stop, self.exts)
         sample = next(it, None)
         if sample is None:
             self._open.pop(key, None)
@@ -169,8 +216,9 @@ class StreamingDataset(IterableDataset):
         state = copy.deepcopy(ld.stream_states[stream])
         mods = {m: registry.modality(m)(ld.modality_cfgs.get(m)) for src in ld.sources.values() for m in src.modalities}
         readers = {
-            name: _SourceReader(name, ld.shardsets[name], state["sources"][name], ld.planner(name), stream, ld.cfg, ld.seed)
-            for name in ld.sources
+            name: _SourceReader(name, ld.shardsets[name], state["sources"][name], ld.planner(name), stream, ld.cfg,
+                                ld.seed, needed_extensions(src, mods))
+            for name, src in ld.sources.items()
         }
         alive = list(ld.sources)
         while alive:
@@ -184,7 +232,7 @@ class StreamingDataset(IterableDataset):
                 item = self._prepare(name, mods, *got, skips)
                 if item is not None:
                     items.append(item)
-                    keys.append(f"{name}:{os.path.basename(got[1])}:{got[2]['__key__']}")
+                    keys.append(f"{name}:{shard_name(got[1])}:{got[2]['__key__']}")
             if not items or (len(items) < ld.cfg.batch_size and ld.cfg.drop_last):
                 if skips:  # nothing to hand out, but the skips must still be reported and counted
                     yield {"__meta__": {"stream": stream, "state": copy.deepcopy(state), "keys": [],
@@ -217,11 +265,32 @@ class StreamingDataset(IterableDataset):
         return batch
 
 
+@functools.lru_cache(maxsize=4096)
+def shard_name(path: str) -> str:
+    """The file name of a shard, as it appears in sample keys (asked for once per sample)."""
+    return os.path.basename(path)
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
+
+
+def needed_extensions(src: SourceConfig, mods: dict) -> frozenset[str] | None:
+    """Shard keys ``prepare_sample`` may read for ``src``: the others need not be read at all.
+    None (read everything) when a modality chooses its key by other means than its extensions."""
+    exts = {src.label} if src.label else set()
+    for m in src.modalities:
+        if type(mods[m]).pick is not Modality.pick:
+            return None
+        exts.update(mods[m].extensions)
+    return frozenset(exts)
+
+
 def prepare_sample(sample: dict, src: SourceConfig, mods: dict, seed: int, epoch: int | None, path: str) -> dict:
     """Raw shard sample → per-sample tensors for every modality of ``src`` (+ label).
     ``epoch=None`` means no augmentation. Raises ``SampleError`` naming shard, key and cause."""
     key = sample["__key__"]
-    rng_key = f"{os.path.basename(path)}:{key}"
+    rng_key = f"{shard_name(path)}:{key}"
     out: dict[str, Any] = {"__key__": key}
     for m in src.modalities:
         mod = mods[m]
@@ -296,7 +365,9 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[dict]:
         dataset = StreamingDataset(self)
         kwargs = {"prefetch_factor": self.cfg.prefetch_factor} if self.cfg.num_workers > 0 else {}
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, **kwargs)
+        # Batches are already tensors: the default per-batch conversion would only walk every key
+        # string and the stream state looking for numpy arrays.
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_as_is, **kwargs)
         ledger = self._ledger_file()
         try:
             for batch in loader:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -172,3 +173,65 @@ def test_resume_refuses_another_seed_or_changed_shards(shards, tmp_path):
     fewer = image_shards(tmp_path / "fewer", n=110)
     with pytest.raises(ConfigError, match="imgs changed"):
         loader(fewer).load_state_dict(ld.state_dict())
+
+
+def _pil_decode(data: bytes, mode: str):
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img if img.mode == mode else img.convert(mode)
+
+
+@pytest.mark.parametrize("mode, channels", [("RGB", 3), ("L", 1), ("L", 3), ("RGB", 1)])
+def test_png_decoding_matches_pil(mode, channels):
+    from modalities.image import Modality
+
+    mod = Modality(ImageConfig(channels=channels))
+    for i in range(20):
+        data = png(i, size=5 + i, mode=mode)
+        assert mod.decode(data, "png").tobytes() == _pil_decode(data, mod._mode).tobytes()
+
+
+def test_unusual_and_broken_pngs_behave_as_with_pil():
+    import io
+
+    from PIL import Image
+
+    from modalities.image import Modality
+
+    mod = Modality(ImageConfig(channels=3))
+    for img, extra in [(Image.new("P", (6, 4), 3), {}), (Image.new("L", (6, 4), 3), {"transparency": 3}),
+                       (Image.new("RGB", (7, 5), (1, 2, 3)), {"interlace": 1})]:  # left to PIL's own path
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", **extra)
+        assert mod.decode(buf.getvalue(), "png").tobytes() == _pil_decode(buf.getvalue(), "RGB").tobytes()
+    good = png(1)
+    for broken in (good[:60], good[:29] + b"\xff" + good[30:]):  # truncated; IHDR checksum wrong
+        with pytest.raises(ValueError) as ours:
+            mod.decode(broken, "png")
+        with pytest.raises(Exception) as pil:
+            _pil_decode(broken, "RGB")
+        reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(pil.value))
+        assert str(ours.value) == f"cannot decode png: {reason}"
+
+
+def test_sample_rng_is_a_function_of_seed_epoch_and_key():
+    from pipeline.data import sample_rng
+
+    def draws(rng):
+        return [rng.random(), rng.uniform(2, 3), rng.randint(0, 9), rng.getrandbits(130), rng.gauss(0, 1),
+                rng.choice("abcdef"), [rng.random() for _ in range(20)]]
+
+    assert draws(sample_rng(1, 2, "a:b")) == draws(sample_rng(1, 2, "a:b"))
+    others = [draws(sample_rng(*args)) for args in [(0, 2, "a:b"), (1, 3, "a:b"), (1, 2, "a:c")]]
+    assert all(d != draws(sample_rng(1, 2, "a:b")) for d in others)
+    rng = sample_rng(0, 0, "k")
+    state = rng.getstate()
+    first = draws(rng)
+    rng.setstate(state)
+    assert draws(rng) == first
+    values = [sample_rng(0, 0, str(i)).random() for i in range(2000)]
+    assert 0.45 < sum(values) / len(values) < 0.55 and 0 <= min(values) and max(values) < 1

@@ -149,3 +149,31 @@ def test_starter_manifests_match_files():
         assert len(shards) == len(entries) > 0
         for entry in entries:
             assert sha256_file(manifest.parent / entry["path"]) == entry["sha256"], entry["path"]
+
+
+def test_reader_gives_the_same_samples_as_tarfile_plain_and_gzip(tmp_path):
+    import tarfile
+
+    plain = image_shards(tmp_path / "plain", n=12, per_shard=12) / "shard-000000.tar"
+    packed = image_shards(tmp_path / "gz", n=12, per_shard=12, compress=True) / "shard-000000.tar.gz"
+    with tarfile.open(plain) as tf:
+        expected = [(m.name, tf.extractfile(m).read()) for m in tf]
+    for path in (plain, packed):
+        samples = list(iter_samples(str(path)))
+        assert [(f"{s['__key__']}.{ext}", s[ext]) for s in samples for ext in ("cls", "json", "png")] == expected
+        assert list(iter_samples(str(path), 3, 7)) == samples[3:7]
+        # members nobody asked for are stepped over, yet still listed
+        wanted = list(iter_samples(str(path), 2, 5, exts={"png"}))
+        assert [s["png"] for s in wanted] == [s["png"] for s in samples[2:5]]
+        assert all(s["cls"] is None and s["json"] is None for s in wanted)
+
+
+def test_reader_rejects_a_corrupt_header_naming_the_shard(tmp_path):
+    from pipeline.shards import ShardError
+
+    path = image_shards(tmp_path / "s", n=4, per_shard=4) / "shard-000000.tar"
+    data = bytearray(path.read_bytes())
+    data[1024 + 10] ^= 0x55  # in the name of the second member (after a one-block label): checksum broken
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"shard-000000\.tar: unreadable tar after sample 's00000'.*checksum"):
+        list(iter_samples(str(path)))
