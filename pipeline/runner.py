@@ -134,6 +134,6 @@ def _hash(*parts: Any) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # every process of a launch may write it
     tmp.write_text(text)
     os.replace(tmp, path)

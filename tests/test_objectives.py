@@ -167,7 +167,7 @@ def test_clip_loss_equals_open_clip(starter_tokenizer):
 
 
 @pytest.mark.parametrize("objective, modalities", [("clip", ("image", "text")), ("clip", ("audio", "text")),
-                                                   ("mae", ("image",))])
+                                                   ("mae", ("image",)), ("data2vec", ("text",))])
 def test_accumulation_equals_one_big_batch(objective, modalities, starter_tokenizer):
     """k micro-batches (CLIP: each contrasted with all k) give the big batch's loss and gradients."""
     batch = {**starter_batch(modalities, starter_tokenizer), "__step__": 5}

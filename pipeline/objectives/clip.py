@@ -80,8 +80,8 @@ class Objective(Base):
         if key in self._cache:
             i = self._order.index(key)
             feats = {m: torch.cat([self._cache[o][m] if o != key else live[m] for o in self._order]) for m in live}
-            if i:  # the scale's gradient is that of the big batch once, not once per micro-batch
-                scale = scale.detach()
+            if i < k - 1:  # the scale's gradient is the big batch's once, not once per micro-batch; it
+                scale = scale.detach()  # flows in the last one, the pass in which DDP synchronizes
         else:
             feats, k = live, 1
         loss = self.loss(feats[a], feats[b], scale)

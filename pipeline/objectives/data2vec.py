@@ -100,12 +100,15 @@ class Objective(Base):
         mask = self.make_mask(batch, enc.maskable(x))  # [B, N]
         target, target_var = self.targets(x)
         out = enc(x, mask=mask)
-        pred = self.head(out.tokens[mask]).float()  # [M, D]
-        y = target[mask]
+        pred = self.head(out.tokens).float()  # [B, N, D]
         if self.cfg.loss_beta == 0:
-            loss = F.mse_loss(pred, y)
+            err = F.mse_loss(pred, target, reduction="none").mean(-1)  # [B, N]
         else:
-            loss = F.smooth_l1_loss(pred, y, beta=self.cfg.loss_beta)
+            err = F.smooth_l1_loss(pred, target, beta=self.cfg.loss_beta, reduction="none").mean(-1)
+        # mean over each sample's masked positions, then over samples: every sample weighs the same,
+        # so the loss of a batch is the mean of the losses of its parts (processes, micro-batches)
+        m = mask.float()
+        loss = ((err * m).sum(1) / m.sum(1).clamp(min=1)).sum() / m.any(1).sum().clamp(min=1)
         return {"loss": loss, "target_var": target_var, "embeddings": {self.cfg.modality: out.pooled.detach()}}
 
     @torch.no_grad()

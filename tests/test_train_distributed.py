@@ -1,0 +1,66 @@
+"""Two real processes (``accelerate launch``): the same loss and gradients as one process with the
+concatenated batch (CLIP contrasts across processes through gathered features), and the pretrain
+stage itself running, checkpointing and finishing on two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from test_objectives import learner, starter_batch
+
+CASES = {"clip-image-text": ("clip", ("image", "text")), "mae-image": ("mae", ("image",)),
+         "data2vec-audio": ("data2vec", ("audio",))}
+
+
+def launch(*args: str, cwd: Path | None = None) -> str:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(29600 + os.getpid() % 1000), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_two_processes_match_one_process_with_the_whole_batch(starter_tokenizer, tmp_path):
+    batches = {case: (o, m, {**starter_batch(m, starter_tokenizer), "__step__": 2}) for case, (o, m) in CASES.items()}
+    torch.save(batches, tmp_path / "batches.pt")
+    launch(str(REPO / "tests" / "_train_worker.py"), "--batches", str(tmp_path / "batches.pt"),
+           "--tokenizer", starter_tokenizer, "--out", str(tmp_path / "two.pt"))
+    two = torch.load(tmp_path / "two.pt")
+    for case, (objective, modalities, batch) in batches.items():
+        model = learner(objective, modalities, starter_tokenizer)
+        loss = model(batch)["loss"]
+        loss.backward()
+        assert abs(two[case]["loss"] - loss.item()) < 1e-5, case
+        one = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert one.keys() == two[case]["grads"].keys(), case
+        for name, g in one.items():
+            assert torch.allclose(two[case]["grads"][name], g, rtol=1e-4, atol=1e-6), f"{case}: {name}"
+
+
+@pytest.mark.slow
+def test_pretrain_stage_on_two_processes(starter_tokenizer, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({
+        "name": "two", "sources": {"emoji": {"shards": str(REPO / "data/starter/emoji/train"), "modalities": ["image", "text"]}},
+        "modalities": {"image": {"size": 16}, "text": {"tokenizer": starter_tokenizer, "max_length": 24}}, "stages": []}))
+    out = tmp_path / "pt"
+    launch("-m", "pipeline.cli", "pretrain", "--recipe", str(recipe), "--out", str(out), "--sources", "[emoji]",
+           "--objectives", "{clip: {}}", "--steps", "4", "--accumulate", "2", "--checkpoint-every", "2",
+           "--encoders", json.dumps({m: {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "patch_size": 4}
+                                     for m in ("image", "text")}),
+           "--loader", json.dumps({"batch_size": 8, "num_workers": 1, "ledger": str(out / "ledger")}), cwd=tmp_path)
+    state = json.loads((out / "checkpoints" / "step_00000004" / "state.json").read_text())
+    assert state["world_size"] == 2 and [d["rank"] for d in state["data"]] == [0, 1]
+    keys = [[k for ln in (out / "ledger" / f"rank{r:05d}.jsonl").read_text().splitlines() for k in json.loads(ln)["keys"]]
+            for r in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == 4 * 2 * 8 and not set(keys[0]) & set(keys[1])
+    assert (out / "encoders" / "text" / "tokenizer.json").is_file() and (out / "encoders" / "image" / "config.json").is_file()
