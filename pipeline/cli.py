@@ -107,7 +107,9 @@ def _stage_parser(sub, name: str) -> None:
     for field, info in module.Config.model_fields.items():
         help_text = info.description or ""
         if not info.is_required() and "default" not in help_text:
-            help_text += f" (default: {info.default!r})"
+            default = info.get_default(call_default_factory=True)
+            default = default.model_dump(mode="json") if hasattr(default, "model_dump") else default
+            help_text += f" (default: {default!r})".replace("%", "%%")
         flag = "--" + field.replace("_", "-")
         if field in positional:
             many = get_origin(info.annotation) is list or "list" in str(info.annotation)

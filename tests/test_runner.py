@@ -104,3 +104,22 @@ def test_starter_recipe_is_valid():
     for source in recipe.sources.values():
         shards = source.shards if isinstance(source.shards, str) else source.shards[0]
         assert (DEFAULT_RECIPE.parent / shards / "manifest.json").is_file()
+
+
+def test_starter_recipe_runs_end_to_end_with_short_stages(tmp_path):
+    """Every stage of the starter recipe, in order and chained (the CLIP stages start from the MAE,
+    MLM and data2vec encoders), shortened to a few steps."""
+    recipe, _ = load_recipe(DEFAULT_RECIPE)
+    pretrain = [s["name"] for s in recipe.stages if s.get("stage") == "pretrain"]
+    assert {"mae_image", "mlm_text", "data2vec_audio", "clip_image_text", "clip_audio_text"} <= set(pretrain)
+    short = [f"stages.{n}.{k}={v}" for n in pretrain for k, v in (("steps", 2), ("loader.batch_size", 4),
+                                                                   ("loader.num_workers", 0))]
+    run = run_recipe(DEFAULT_RECIPE, ["stages.validate.full=false", *short], runs=tmp_path, progress=False)
+    for name in pretrain:
+        done = json.loads((run / name / "done.json").read_text())
+        assert done["summary"]["step"] == 2, name
+        assert (run / name / "encoders").is_dir() and (run / name / "checkpoints" / "step_00000002").is_dir()
+    from transformers import AutoModel, AutoTokenizer
+
+    AutoModel.from_pretrained(run / "clip_image_text" / "encoders" / "image")
+    AutoTokenizer.from_pretrained(run / "clip_audio_text" / "encoders" / "text")
