@@ -95,7 +95,7 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
         run = restore(last, learner, opt, loader, accelerator)
         log.info("resumed from %s", last)
     elif cfg.health.action == "rollback":  # something to roll back to before the first checkpoint
-        save(ckpt_dir, run, learner, opt, loader, accelerator, cfg, resolved)
+        save(ckpt_dir, run, model, opt, loader, accelerator, cfg, resolved)
     logger = MetricsLog(out_dir, accelerator.is_main_process)
     batches = iter(loader)
     bar = _bar(cfg.steps, run["step"], progress and accelerator.is_main_process)
@@ -140,7 +140,7 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
             t0, seen = time.time(), 0
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save(ckpt_dir, run, learner, opt, loader, accelerator, cfg, resolved)
+            save(ckpt_dir, run, model, opt, loader, accelerator, cfg, resolved)
     bar.close()
     logger.close()
     return {"step": run["step"], "rollbacks": run["rollbacks"], **{k: _short(v) for k, v in metrics.items()}}
@@ -169,17 +169,18 @@ def _unhealthy(problem, step, run, cfg, ckpt_dir, learner, opt, loader, accelera
     return run, iter(loader)
 
 
-def save(ckpt_dir: Path, run: dict, learner, opt, loader, accelerator, cfg: TrainerConfig, resolved) -> None:
+def save(ckpt_dir: Path, run: dict, model, opt, loader, accelerator, cfg: TrainerConfig, resolved) -> None:
     """Checkpoint the current step: every process contributes its data position and RNG state,
-    the main process writes. Weights holding NaN/inf are never written."""
+    the main process writes. Weights holding NaN/inf are never written. ``model`` is the prepared
+    learner (Accelerate gathers its full state dict under FSDP)."""
     from accelerate.utils import gather_object
 
     per_rank = gather_object([{"data": loader.state_dict(), "rng": checkpoint.rng_state()}])
+    weights = accelerator.get_state_dict(model)  # on every process: a collective under FSDP
+    bad = checkpoint.nonfinite(weights or {})  # the weights are replicated: every process stops alike
+    if bad is not None:
+        raise HealthError(f"step {run['step']}: weight {bad} is not finite; checkpoint not written")
     if accelerator.is_main_process:
-        weights = accelerator.get_state_dict(learner)
-        bad = checkpoint.nonfinite(weights)
-        if bad is not None:
-            raise HealthError(f"step {run['step']}: weight {bad} is not finite; checkpoint not written")
         state = {**run, "data": [r["data"] for r in per_rank], "rng": [r["rng"] for r in per_rank],
                  "world_size": accelerator.num_processes, "config": resolved or {}}
         checkpoint.save(ckpt_dir, run["step"], weights, opt.optimizer.state_dict(), state, cfg.keep_checkpoints)
