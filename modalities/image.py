@@ -86,12 +86,10 @@ class Modality(Base):
             box = _center_box(img.width, img.height)
         else:
             box = _random_box(img.width, img.height, self.cfg.crop_scale, self.cfg.crop_ratio, rng)
-        out = img.resize((size, size), Image.BILINEAR, box=box)
-        if rng is not None and self.cfg.hflip and rng.random() < 0.5:
-            out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        # The pixels copied once into a writable buffer; numpy reshapes it for a fraction of the
-        # cost of a tensor view, and ``from_numpy`` shares the memory.
-        arr = np.frombuffer(bytearray(out.tobytes()), np.uint8).reshape(size, size, -1)
+        flip = rng is not None and self.cfg.hflip and rng.random() < 0.5
+        # A writable buffer of the pixels; numpy reshapes it for a fraction of the cost of a
+        # tensor view, and ``from_numpy`` shares the memory.
+        arr = np.frombuffer(bytearray(_resized_pixels(img, size, box, flip)), np.uint8).reshape(size, size, -1)
         return torch.from_numpy(arr)  # [H, W, C] uint8
 
     def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
@@ -101,6 +99,30 @@ class Modality(Base):
     def encoder(self, cfg: EncoderConfig | None = None) -> ViTEncoder:
         """A ViT over ``size``×``size`` images of ``channels`` channels; ``cfg.patch_size`` must divide ``size``."""
         return ViTEncoder(cfg or EncoderConfig(), (self.cfg.size, self.cfg.size), self.cfg.channels)
+
+
+def _resized_pixels(img: Image.Image, size: int, box: tuple, flip: bool) -> bytes:
+    """Raw pixels of ``img`` cropped to ``box``, resized to ``size``×``size`` (bilinear) and optionally
+    mirrored. For L and RGB images the work goes straight to PIL's C core: on small images the
+    Python side of ``resize``, ``transpose`` and ``tobytes`` (argument checks, an ``Image`` per
+    step, encoder lookup) costs several times the resampling itself. The result is the same as
+    ``img.resize(...).transpose(...).tobytes()``, which other modes go through."""
+    if img.mode not in ("L", "RGB") or (box == (0, 0, *img.size) and img.size == (size, size)):
+        out = img.resize((size, size), Image.BILINEAR, box=box)
+        return (out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out).tobytes()
+    img.load()
+    core = img.im.resize((size, size), Image.BILINEAR, box)
+    if flip:
+        core = core.transpose(Image.FLIP_LEFT_RIGHT)
+    encoder = Image.core.raw_encoder(img.mode, img.mode)
+    encoder.setimage(core, (0, 0, size, size))
+    chunks, status = [], 0
+    while not status:
+        _, status, chunk = encoder.encode(max(1 << 16, size * 4))
+        chunks.append(chunk)
+    if status < 0:
+        raise RuntimeError(f"encoder error {status} reading resized pixels")
+    return b"".join(chunks)
 
 
 def _open(data: bytes, ext: str) -> Image.Image:

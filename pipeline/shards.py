@@ -14,6 +14,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,56 +205,56 @@ class _TarStream:
         or ``skip``-ped before asking for the next member; None at the end-of-archive marker."""
         long_name = None
         while True:
-            if not self._ensure(512):
+            if len(self.buf) - self.pos < 512 and not self._ensure(512):
                 raise ShardError("truncated (no end-of-archive marker)")
             buf, p = self.buf, self.pos
             self.pos = p + 512
-            total = _byte_sum(buf, p)
+            # Adler-32's low half is 1 + (byte sum mod 65521), and 256 bytes sum to at most 65280:
+            # two halves give the header's exact byte sum from C code, far cheaper than sum()
+            total = (zlib.adler32(buf[p:p + 256]) & 0xFFFF) + (zlib.adler32(buf[p + 256:p + 512]) & 0xFFFF) - 2
             if total == 0:  # an all-zero block ends the archive
                 return None
-            field = buf[p + 148:p + 156]
-            if total - sum(field) + 256 != _octal(field):
+            name, size, checksum, kind, magic, prefix = _HEADER.unpack_from(buf, p)
+            if total - sum(checksum) + 256 != _octal(checksum):
                 raise ShardError("corrupt tar header (checksum mismatch)")
-            size = _octal(buf[p + 124:p + 136])
-            kind = buf[p + 156]
+            size = _octal(size)
             if kind in _NAME_RECORDS:  # GNU long name / PAX extended header: the name of the next member
                 meta = self.read(size)
-                long_name = meta.rstrip(b"\0").decode() if kind == _GNU_LONGNAME else _pax_path(meta) or long_name
+                long_name = meta.rstrip(b"\0").decode() if kind == b"L" else _pax_path(meta) or long_name
                 continue
-            name = long_name or _ustar_name(buf, p)
-            long_name = None
+            if long_name is None:
+                name = _cstr(name)
+                if magic == b"ustar" and prefix[0]:
+                    name = f"{_cstr(prefix)}/{name}"
+            else:
+                name, long_name = long_name, None
             if kind not in _REGULAR:
                 self.skip(size)
                 continue
             return name, size
 
 
-_GNU_LONGNAME = ord("L")
-_NAME_RECORDS = (_GNU_LONGNAME, ord("x"))
-_REGULAR = (ord("0"), 0, ord("7"))
-
-
-def _byte_sum(buf: bytes, p: int) -> int:
-    """Sum of the 512 bytes at ``p``. Adler-32's low half is 1 + (byte sum mod 65521), and 256 bytes
-    sum to at most 65280, so two halves give the exact sum from C code at a fraction of ``sum``'s cost."""
-    return (zlib.adler32(buf[p:p + 256]) & 0xFFFF) + (zlib.adler32(buf[p + 256:p + 512]) & 0xFFFF) - 2
+#: the header fields read: name, size, checksum, type, magic (without its terminator), prefix
+_HEADER = struct.Struct("100s24x12s12x8sc100x5s83x155s12x")
+_NAME_RECORDS = (b"L", b"x")
+_REGULAR = (b"0", b"\0", b"7")
 
 
 def _octal(field: bytes) -> int:
     if field[0] & 0x80:  # GNU base-256 for large sizes
         return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    text = field.split(b"\0", 1)[0]
+    try:
+        return int(text, 8)  # int() ignores surrounding blanks, as tar readers do
+    except ValueError:
+        if text.strip():
+            raise
+        return 0
 
 
-def _ustar_name(buf: bytes, p: int) -> str:
-    end = buf.find(b"\0", p, p + 100)
-    name = buf[p:end if end >= 0 else p + 100].decode("utf-8", "replace")
-    if buf[p + 257:p + 262] == b"ustar":
-        prefix = buf[p + 345:p + 500].split(b"\0", 1)[0].decode("utf-8", "replace")
-        if prefix:
-            return f"{prefix}/{name}"
-    return name
+def _cstr(field: bytes) -> str:
+    """A NUL-terminated header text field."""
+    return field.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 def _pax_path(meta: bytes) -> str | None:

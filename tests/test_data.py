@@ -235,3 +235,29 @@ def test_sample_rng_is_a_function_of_seed_epoch_and_key():
     assert draws(rng) == first
     values = [sample_rng(0, 0, str(i)).random() for i in range(2000)]
     assert 0.45 < sum(values) / len(values) < 0.55 and 0 <= min(values) and max(values) < 1
+
+
+@pytest.mark.parametrize("channels, size", [(1, 8), (3, 8), (3, 12), (1, 30)])
+def test_transform_matches_pil_resize_and_flip(channels, size):
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from modalities.image import Modality, _center_box, _random_box
+
+    mod = Modality(ImageConfig(size=size, channels=channels))
+    for i in range(30):
+        img = mod.decode(png(i, size=12), "png")
+        for seed in (None, i):
+            rng, ref = (random.Random(seed), random.Random(seed)) if seed is not None else (None, None)
+            if ref is None:
+                box = _center_box(*img.size)
+            else:
+                box = _random_box(*img.size, mod.cfg.crop_scale, mod.cfg.crop_ratio, ref)
+            want = img.resize((size, size), Image.BILINEAR, box=box)
+            if ref is not None and ref.random() < 0.5:
+                want = want.transpose(Image.FLIP_LEFT_RIGHT)
+            got = mod.transform(img, rng)
+            assert got.shape == (size, size, channels) and got.dtype == torch.uint8
+            assert torch.equal(got, torch.from_numpy(np.asarray(want).reshape(size, size, -1).copy()))
