@@ -49,8 +49,10 @@ def embedding_stats(embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     """``health/<modality>/std`` and ``health/<modality>/rank`` of each [B, D] embedding batch."""
     out = {}
     for m, e in embeddings.items():
+        if len(e) < 2:  # one sample has no spread to measure
+            continue
         z = F.normalize(e.float(), dim=-1)
-        out[f"health/{m}/std"] = z.std(0).mean() * math.sqrt(z.shape[-1]) if len(z) > 1 else z.new_tensor(1.0)
+        out[f"health/{m}/std"] = z.std(0).mean() * math.sqrt(z.shape[-1])
         out[f"health/{m}/rank"] = effective_rank(z)
     return out
 
