@@ -177,3 +177,24 @@ def test_reader_rejects_a_corrupt_header_naming_the_shard(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=r"shard-000000\.tar: unreadable tar after sample 's00000'.*checksum"):
         list(iter_samples(str(path)))
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax"])
+def test_reader_long_names_and_concatenated_gzip(tmp_path, fmt):
+    import gzip
+    import tarfile
+
+    names = [f"{'d' * 120}/k{i}.{ext}" for i in range(3) for ext in ("cls", "txt")]
+    path = tmp_path / "long.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT if fmt == "gnu" else tarfile.PAX_FORMAT) as tf:
+        for n, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = n
+            tf.addfile(info, io.BytesIO(bytes(range(n))))
+    data = path.read_bytes()
+    packed = tmp_path / "long.tar.gz"
+    packed.write_bytes(gzip.compress(data[:2048]) + gzip.compress(data[2048:]))  # two gzip members
+    for p in (path, packed):
+        samples = list(iter_samples(str(p)))
+        assert [s["__key__"] for s in samples] == [f"{'d' * 120}/k{i}" for i in range(3)]
+        assert [s[ext] for s in samples for ext in ("cls", "txt")] == [bytes(range(n)) for n in range(6)]
