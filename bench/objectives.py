@@ -1,0 +1,486 @@
+"""Training-step throughput of our objectives against the field's implementations at the same dims.
+
+    python bench/objectives.py [--objectives mae mlm clip data2vec] [--size tiny] [--batch-size N]
+                               [--steps 3] [--warmup 2] [--repeats 5] [--threads 1]
+                               [--device cpu|cuda] [--dtype fp32|bf16] [--profile NAME]
+
+One training step is forward + backward + AdamW step (+ the EMA teacher update for data2vec), on
+one fixed synthetic batch (random pixels, random token ids: the same tensors for both sides).
+Pairs, at the same widths, depths, heads, MLP, patch grid, vocabulary and sequence length:
+
+- ``mae``: ours (``pipeline/objectives/mae.py`` on the image ``ViTEncoder``) vs transformers
+  ``ViTMAEForPreTraining`` (mask ratio 0.75, norm_pix_loss, decoder width/depth/heads as ours);
+- ``mlm``: ours (``mlm.py`` on the text ``BertEncoder``) vs ``BertForMaskedLM`` with
+  ``DataCollatorForLanguageModeling.torch_mask_tokens`` masking (special-token mask precomputed
+  vectorised, as a tokenizer's ``return_special_tokens_mask`` would hand it over);
+- ``clip``: ours (``clip.py`` on image + text encoders) vs ``open_clip.CLIP`` built from a config
+  dict + ``open_clip.loss.ClipLoss``;
+- ``data2vec-image`` / ``data2vec-text``: ours (``data2vec.py``) vs a student/teacher pair of
+  ``Data2VecVisionModel`` / ``Data2VecTextModel``: EMA teacher, targets = mean of the top-K
+  instance-normed layers at masked positions, linear regression head, EMA update after the step.
+
+Our side is assembled as ``stages/pretrain.py`` does it (modality → encoder, objective, ``Learner``,
+AdamW over ``trainer.param_groups``); the peer's optimizer is the same AdamW over the same
+grouping. Both sides live in one process with the same torch thread count; repetitions are
+interleaved (ours, peer, ours, peer …) so that machine noise hits both, and the table gives the
+median samples/s over repetitions and ours/peer.
+
+``--device cuda --dtype bf16`` runs both sides on the GPU under bf16 autocast (fp32 weights and
+optimizer state), timing with ``torch.cuda.synchronize``. ``--profile NAME`` prints the top ops of
+a few steps of each side of one pair instead of the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from modalities.image import ImageConfig
+from modalities.text import TextConfig
+from pipeline import registry
+from pipeline.encoder import EncoderConfig
+from pipeline.objective import Learner
+from pipeline.trainer import OptimConfig, param_groups
+
+#: benchmark dims per size: encoder width/depth/heads (MLP 4×), image side and patch, text length
+#: and vocabulary, batch. ``tiny`` runs on two CPU cores in a few minutes; the others are for a GPU.
+SIZES = {
+    "tiny": {"width": 192, "layers": 4, "heads": 3, "image": 32, "patch": 4, "seq": 64, "vocab": 8000, "batch": 64},
+    "small": {"width": 384, "layers": 12, "heads": 6, "image": 224, "patch": 16, "seq": 128, "vocab": 30522,
+              "batch": 128},
+    "base": {"width": 768, "layers": 12, "heads": 12, "image": 224, "patch": 16, "seq": 128, "vocab": 30522,
+             "batch": 128},
+}
+OBJECTIVES = ("mae", "mlm", "clip", "data2vec-image", "data2vec-text")
+MAE = {"mask_ratio": 0.75, "decoder_width": 128, "decoder_layers": 2, "decoder_heads": 4}
+#: data2vec defaults of ours, which the peer copies: mask ratio per modality and top-K layers
+D2V_MASK = {"image": 0.6, "text": 0.15}
+EMA = 0.999
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def build_tokenizer(vocab: int, out: Path) -> str:
+    """A WordPiece vocabulary of ``vocab`` made-up tokens in BERT's layout, saved where
+    AutoTokenizer loads it: the models only need its size and special ids, not a trained one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = specials + [f"w{i}" for i in range(vocab - len(specials))]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+    fast.save_pretrained(str(out))
+    return str(out)
+
+
+def make_inputs(dims: dict, tokenizer) -> dict:
+    """Synthetic batch shared by both sides: image [B, 3, S, S] ~ N(0, 1) (normalized pixels);
+    text [B, L] = [CLS] random ordinary ids [SEP], no padding (open_clip's text tower takes no
+    attention mask, so full rows keep the work identical)."""
+    g = torch.Generator().manual_seed(0)
+    b, s, n = dims["batch"], dims["image"], dims["seq"]
+    first = len(tokenizer.all_special_ids)  # ordinary tokens come after the specials
+    ids = torch.randint(first, dims["vocab"], (b, n), generator=g)
+    ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+    return {"image": torch.randn(b, 3, s, s, generator=g),
+            "text": {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+            "__key__": [f"sample{i:06d}" for i in range(b)], "__source__": "synthetic"}
+
+
+def to_device(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
+# ---------------------------------------------------------------- a trainable side
+
+
+@dataclass
+class Side:
+    """One implementation of one objective: ``loss(step)`` runs the forward, ``after(step)`` the
+    state updates outside the gradient; ``module`` holds every trained parameter."""
+
+    module: nn.Module
+    loss: Callable[[int], torch.Tensor]
+    after: Callable[[int], None] = lambda step: None
+
+    def ready(self, device: str) -> Side:
+        """Weights onto ``device``, then the optimizer over them (the trainer's settings)."""
+        o = OptimConfig()
+        self.module.to(device).train()
+        self.opt = torch.optim.AdamW(param_groups(self.module, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+        return self
+
+    def step(self, step: int, autocast) -> torch.Tensor:
+        with autocast():
+            loss = self.loss(step)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.after(step + 1)
+        return loss.detach()
+
+
+# ---------------------------------------------------------------- ours
+
+
+def encoder_config(dims: dict) -> EncoderConfig:
+    return EncoderConfig(hidden_size=dims["width"], num_layers=dims["layers"], num_heads=dims["heads"],
+                         patch_size=dims["patch"])
+
+
+def ours(name: str, dims: dict, tok_dir: str, batch: dict, steps_total: int) -> Side:
+    """Modality → encoder → objective → Learner, as ``stages/pretrain.py`` ``run`` builds them."""
+    kind, settings = {
+        "mae": ("mae", {"modality": "image", **MAE}),
+        "mlm": ("mlm", {"modality": "text"}),
+        "clip": ("clip", {"modalities": ["image", "text"]}),
+        "data2vec-image": ("data2vec", {"modality": "image", "ema_start": EMA, "ema_end": EMA}),
+        "data2vec-text": ("data2vec", {"modality": "text", "ema_start": EMA, "ema_end": EMA}),
+    }[name]
+    cfgs = {"image": ImageConfig(size=dims["image"], channels=3),
+            "text": TextConfig(tokenizer=tok_dir, max_length=dims["seq"])}
+    needed = settings.get("modalities") or [settings["modality"]]
+    encoders = {m: registry.modality(m)(cfgs[m]).encoder(encoder_config(dims)) for m in needed}
+    module = registry.module("objective", kind)
+    obj = module.Objective(module.Config(**settings), encoders, kind, seed=0)
+    learner = Learner(encoders, {kind: obj})
+
+    def loss(step: int) -> torch.Tensor:
+        b = {k: batch[k] for k in (*needed, "__key__", "__source__")}
+        b["__step__"] = step
+        learner.begin_step([b])  # what the trainer calls; a no-op with one micro-batch
+        return learner(b)["loss"]
+
+    return Side(learner, loss, lambda step: learner.after_step(step, steps_total))
+
+
+# ---------------------------------------------------------------- peers
+
+
+def peer_mae(dims: dict, batch: dict) -> Side:
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    d = dims["width"]
+    cfg = ViTMAEConfig(hidden_size=d, num_hidden_layers=dims["layers"], num_attention_heads=dims["heads"],
+                       intermediate_size=4 * d, image_size=dims["image"], patch_size=dims["patch"], num_channels=3,
+                       layer_norm_eps=1e-6, mask_ratio=MAE["mask_ratio"], norm_pix_loss=True,
+                       decoder_hidden_size=MAE["decoder_width"], decoder_num_hidden_layers=MAE["decoder_layers"],
+                       decoder_num_attention_heads=MAE["decoder_heads"], decoder_intermediate_size=4 * MAE["decoder_width"],
+                       attn_implementation="sdpa")
+    model = ViTMAEForPreTraining(cfg)
+    return Side(model, lambda step: model(pixel_values=batch["image"]).loss)
+
+
+def peer_mlm(dims: dict, batch: dict, tokenizer) -> Side:
+    from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
+
+    d = dims["width"]
+    cfg = BertConfig(vocab_size=dims["vocab"], hidden_size=d, num_hidden_layers=dims["layers"],
+                     num_attention_heads=dims["heads"], intermediate_size=4 * d, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, pad_token_id=tokenizer.pad_token_id,
+                     max_position_embeddings=max(512, dims["seq"]), attn_implementation="sdpa")
+    model = BertForMaskedLM(cfg)
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+    text = batch["text"]
+    # the collator runs on the host, in the DataLoader: it gets the ids before they reach the device
+    host_ids = text["input_ids"].cpu()
+    special = torch.isin(host_ids, torch.tensor(tokenizer.all_special_ids))
+    dev = text["input_ids"].device
+
+    def loss(step: int) -> torch.Tensor:
+        ids, labels = collator.torch_mask_tokens(host_ids.clone(), special_tokens_mask=special)
+        return model(input_ids=ids.to(dev), attention_mask=text["attention_mask"], labels=labels.to(dev)).loss
+
+    return Side(model, loss)
+
+
+def peer_clip(dims: dict, batch: dict) -> Side:
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    d = dims["width"]
+    vision = {"image_size": dims["image"], "layers": dims["layers"], "width": d, "head_width": d // dims["heads"],
+              "mlp_ratio": 4.0, "patch_size": dims["patch"]}
+    text = {"context_length": dims["seq"], "vocab_size": dims["vocab"], "width": d, "heads": dims["heads"],
+            "layers": dims["layers"], "mlp_ratio": 4.0}
+    model = open_clip.CLIP(embed_dim=d, vision_cfg=vision, text_cfg=text, output_dict=True)
+    clip_loss = ClipLoss()
+
+    def loss(step: int) -> torch.Tensor:
+        out = model(batch["image"], batch["text"]["input_ids"])
+        return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+
+    return Side(model, loss)
+
+
+class Data2VecPeer(nn.Module):
+    """data2vec as its papers and reference code describe it, on a stock transformers model: an
+    EMA teacher on the full input, targets = mean over the top-K layer outputs, each instance-
+    normalized over positions; the student sees masked input and regresses through a linear head."""
+
+    def __init__(self, student: nn.Module, top_k: int, prefix: int):
+        super().__init__()
+        self.student = student
+        self.teacher = copy.deepcopy(student).requires_grad_(False).eval()
+        self.head = nn.Linear(student.config.hidden_size, student.config.hidden_size)
+        self.top_k, self.prefix = top_k, prefix
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, inputs: dict, masked_inputs: dict, mask: torch.Tensor) -> torch.Tensor:
+        """mask [B, N] bool over the positions after the prefix ([CLS] of the ViT)."""
+        with torch.no_grad():
+            states = self.teacher(**inputs, output_hidden_states=True).hidden_states[-self.top_k:]
+            # instance norm: per sample and channel over positions ([B, D, N] for F.instance_norm)
+            layers = [F.instance_norm(h[:, self.prefix:].float().transpose(1, 2)).transpose(1, 2) for h in states]
+            target = torch.stack(layers).mean(0)  # [B, N, D]
+        out = self.student(**masked_inputs).last_hidden_state[:, self.prefix:]
+        pred = self.head(out[mask]).float()  # [M, D]
+        return F.mse_loss(pred, target[mask])
+
+    @torch.no_grad()
+    def ema(self, momentum: float) -> None:
+        for t, s in zip(self.teacher.parameters(), self.student.parameters()):
+            t.lerp_(s, 1 - momentum)
+
+
+def peer_data2vec(modality: str, dims: dict, batch: dict, tokenizer) -> Side:
+    from transformers import Data2VecTextConfig, Data2VecTextModel, Data2VecVisionConfig, Data2VecVisionModel
+
+    d, top_k, ratio = dims["width"], max(1, dims["layers"] // 2), D2V_MASK[modality]
+    common = {"hidden_size": d, "num_hidden_layers": dims["layers"], "num_attention_heads": dims["heads"],
+              "intermediate_size": 4 * d, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+              "attn_implementation": "sdpa"}
+    if modality == "image":
+        # absolute positions, no layer scale / relative bias / drop path: the plain ViT ours is
+        cfg = Data2VecVisionConfig(**common, image_size=dims["image"], patch_size=dims["patch"], num_channels=3,
+                                   layer_norm_eps=1e-6, use_mask_token=True, use_absolute_position_embeddings=True,
+                                   use_relative_position_bias=False, layer_scale_init_value=0.0, drop_path_rate=0.0,
+                                   use_mean_pooling=False)
+        model = Data2VecPeer(Data2VecVisionModel(cfg, add_pooling_layer=False), top_k, prefix=1)
+        x = batch["image"]
+        n = (dims["image"] // dims["patch"]) ** 2
+        maskable = torch.ones(x.shape[0], n, dtype=torch.bool, device=x.device)
+
+        def views(mask):
+            return {"pixel_values": x}, {"pixel_values": x, "bool_masked_pos": mask}
+    else:
+        cfg = Data2VecTextConfig(**common, vocab_size=dims["vocab"], pad_token_id=tokenizer.pad_token_id,
+                                 max_position_embeddings=max(512, dims["seq"]) + 2)  # RoBERTa positions start at pad + 1
+        model = Data2VecPeer(Data2VecTextModel(cfg, add_pooling_layer=False), top_k, prefix=0)
+        text = batch["text"]
+        maskable = ~torch.isin(text["input_ids"], torch.tensor(tokenizer.all_special_ids, device=text["input_ids"].device))
+
+        def views(mask):
+            return text, {**text, "input_ids": text["input_ids"].masked_fill(mask, tokenizer.mask_token_id)}
+
+    def loss(step: int) -> torch.Tensor:
+        mask = (torch.rand(maskable.shape, device=maskable.device) < ratio) & maskable
+        full, masked = views(mask)
+        return model(full, masked, mask)
+
+    return Side(model, loss, lambda step: model.ema(EMA))
+
+
+def peer(name: str, dims: dict, batch: dict, tokenizer) -> Side:
+    if name == "mae":
+        return peer_mae(dims, batch)
+    if name == "mlm":
+        return peer_mlm(dims, batch, tokenizer)
+    if name == "clip":
+        return peer_clip(dims, batch)
+    return peer_data2vec(name.split("-")[1], dims, batch, tokenizer)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(side: Side, first: int, steps: int, batch_size: int, device: str, autocast) -> tuple[float, float]:
+    """(samples per second, samples per CPU-second of this process) over ``steps`` training steps
+    numbered from ``first``. On a shared machine the second is steadier: time spent waiting for a
+    core another process holds is not counted."""
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for s in range(first, first + steps):
+        side.step(s, autocast)
+    sync(device)
+    n = steps * batch_size
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
+
+
+def compare(name: str, dims: dict, batch: dict, tok_dir: str, tokenizer, args, autocast) -> dict:
+    total = args.warmup + args.repeats * args.steps
+    torch.manual_seed(0)
+    runs = {"ours": ours(name, dims, tok_dir, batch, total).ready(args.device)}
+    torch.manual_seed(0)
+    runs["peer"] = peer(name, dims, batch, tokenizer).ready(args.device)
+    # step 0 is warm-up too; its loss shows both sides start from comparable objectives
+    first_loss = {k: float(side.step(0, autocast)) for k, side in runs.items()}
+    for side in runs.values():
+        for s in range(1, args.warmup):
+            side.step(s, autocast)
+    rates, cpu = {"ours": [], "peer": []}, {"ours": [], "peer": []}
+    for r in range(args.repeats):  # interleaved: ours, peer, ours, peer …
+        first = args.warmup + r * args.steps
+        for k in ("ours", "peer"):
+            wall, per_cpu = timed(runs[k], first, args.steps, dims["batch"], args.device, autocast)
+            rates[k].append(wall)
+            cpu[k].append(per_cpu)
+    params = {k: sum(p.numel() for p in side.module.parameters() if p.requires_grad) for k, side in runs.items()}
+    return {"name": name, "rates": rates, "cpu": cpu, "first_loss": first_loss, "params": params}
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine(args) -> str:
+    if args.device == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}"
+    model = next((line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    return (f"{os.cpu_count()} CPUs ({model}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"{args.dtype}, load average {os.getloadavg()[0]:.2f} before the run")
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
+def table(results: list[dict], dims: dict, args) -> str:
+    rows = [("| objective | ours samples/s (range) | peer samples/s (range) | ours/peer | ours/peer, per CPU-s | "
+             "first loss ours / peer | trained params ours / peer |"),
+            "|---|---|---|---|---|---|---|"]
+    for r in results:
+        med = {k: statistics.median(v) for k, v in r["rates"].items()}
+        cpu = {k: statistics.median(v) for k, v in r["cpu"].items()}
+        span = {k: f"{min(v):.0f}–{max(v):.0f}" for k, v in r["rates"].items()}
+        loss, params = r["first_loss"], r["params"]
+        rows.append(f"| {r['name']} | {med['ours']:.0f} ({span['ours']}) | {med['peer']:.0f} ({span['peer']}) | "
+                    f"**{med['ours'] / med['peer']:.2f}×** | {cpu['ours'] / cpu['peer']:.2f}× | "
+                    f"{loss['ours']:.3f} / {loss['peer']:.3f} | {params['ours'] / 1e6:.2f}M / {params['peer'] / 1e6:.2f}M |")
+    head = (f"dims: width {dims['width']}, {dims['layers']} layers, {dims['heads']} heads, MLP {4 * dims['width']}, "
+            f"image {dims['image']} patch {dims['patch']}, text {dims['seq']} tokens of {dims['vocab']}, "
+            f"batch {dims['batch']}; {args.repeats} × {args.steps} timed steps after {args.warmup} warm-up; "
+            f"median over repetitions")
+    return "\n".join([head, "", *rows])
+
+
+def profile(name: str, dims: dict, batch: dict, tok_dir: str, tokenizer, args, autocast) -> None:
+    """Top ops by self CPU time over ``--steps`` steps of each side, after warm-up."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    total = args.warmup + args.steps
+    torch.manual_seed(0)
+    runs = {"ours": ours(name, dims, tok_dir, batch, total).ready(args.device)}
+    runs["peer"] = peer(name, dims, batch, tokenizer).ready(args.device)
+    for k, side in runs.items():
+        for s in range(args.warmup):
+            side.step(s, autocast)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            for s in range(args.warmup, total):
+                side.step(s, autocast)
+        sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+        print(f"\n=== {name}: {k}\n{prof.key_averages().table(sort_by=sort, row_limit=25)}")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--objectives", nargs="+", default=["mae", "mlm", "clip", "data2vec"],
+                    help=f"any of {', '.join(OBJECTIVES)}; data2vec means both of its modalities")
+    ap.add_argument("--size", choices=SIZES, default="tiny", help="benchmark dims (see SIZES)")
+    ap.add_argument("--batch-size", type=int, help="override the size's batch")
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps per repetition")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side before the first repetition")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved repetitions (ours, peer) per objective")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads, both sides (1: on a shared machine, threads that wait on each other "
+                         "at every op measure the neighbours more than the code)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 weights")
+    ap.add_argument("--profile", choices=OBJECTIVES, help="profile this pair instead of timing all")
+    args = ap.parse_args(argv)
+    names = [n for o in args.objectives for n in (("data2vec-image", "data2vec-text") if o == "data2vec" else (o,))]
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown:
+        ap.error(f"unknown objective {', '.join(unknown)}; pick from {', '.join(OBJECTIVES)} or data2vec")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    args.names = names
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    dims = dict(SIZES[args.size])
+    if args.batch_size:
+        dims["batch"] = args.batch_size
+    dtype = torch.bfloat16 if args.dtype == "bf16" else None
+
+    def autocast():
+        return torch.autocast(args.device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = build_tokenizer(dims["vocab"], Path(tmp) / "tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        batch = to_device(make_inputs(dims, tokenizer), args.device)
+        if args.profile:
+            profile(args.profile, dims, batch, tok_dir, tokenizer, args, autocast)
+            return
+        print(machine(args), flush=True)
+        results = []
+        for name in args.names:
+            t0 = time.perf_counter()
+            results.append(compare(name, dims, batch, tok_dir, tokenizer, args, autocast))
+            r = results[-1]["rates"]
+            print(f"{name}: ours {statistics.median(r['ours']):.0f}, peer {statistics.median(r['peer']):.0f} "
+                  f"samples/s ({time.perf_counter() - t0:.0f}s)", flush=True)
+        print()
+        print(table(results, dims, args))
+
+
+if __name__ == "__main__":
+    main()
