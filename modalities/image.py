@@ -101,13 +101,19 @@ class Modality(Base):
         return ViTEncoder(cfg or EncoderConfig(), (self.cfg.size, self.cfg.size), self.cfg.channels)
 
 
+#: PIL's C core has the calls the fast path makes (they are not public API: another Pillow may
+#: lack them, and then every image takes the public path)
+_CORE_OK = all(hasattr(x, a) for x, a in ((Image.core, "raw_encoder"), (Image.core, "new"))) and \
+    hasattr(Image.core.new("L", (1, 1)), "resize")
+
+
 def _resized_pixels(img: Image.Image, size: int, box: tuple, flip: bool) -> bytes:
     """Raw pixels of ``img`` cropped to ``box``, resized to ``size``×``size`` (bilinear) and optionally
     mirrored. For L and RGB images the work goes straight to PIL's C core: on small images the
     Python side of ``resize``, ``transpose`` and ``tobytes`` (argument checks, an ``Image`` per
     step, encoder lookup) costs several times the resampling itself. The result is the same as
     ``img.resize(...).transpose(...).tobytes()``, which other modes go through."""
-    if img.mode not in ("L", "RGB") or (box == (0, 0, *img.size) and img.size == (size, size)):
+    if img.mode not in ("L", "RGB") or (box == (0, 0, *img.size) and img.size == (size, size)) or not _CORE_OK:
         out = img.resize((size, size), Image.BILINEAR, box=box)
         return (out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out).tobytes()
     img.load()
