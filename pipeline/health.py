@@ -29,9 +29,13 @@ class HealthConfig(Config):
     #: steps between embedding checks (the loss is checked every step)
     every: int = Field(10, ge=1)
     #: collapse when the per-dimension std of normalized embeddings, × sqrt(width), falls below this
-    min_std: float = Field(0.01, ge=0)
+    min_std: float = Field(0.005, ge=0)
     #: collapse when the effective rank of a batch of embeddings falls below this
     min_rank: float = Field(1.05, ge=0)
+    #: collapse signals must hold at this many consecutive checks before the action is taken
+    #: (early MLM, for one, briefly maps every text to nearly the same direction and recovers);
+    #: a non-finite loss acts at once
+    patience: int = Field(3, ge=1)
     #: data2vec: collapse when the teacher's target variance falls below this
     min_target_var: float = Field(1e-4, ge=0)
     #: CLIP: flag a logit scale above this (None: only a non-finite one)
@@ -66,11 +70,39 @@ def effective_rank(z: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
 
 
-def diagnose(cfg: HealthConfig, metrics: dict[str, float]) -> str | None:
-    """The first problem in a step's (process-averaged) metrics, as a sentence, or None."""
+class Monitor:
+    """Applies ``diagnose`` step after step, holding collapse signals to ``patience``."""
+
+    def __init__(self, cfg: HealthConfig):
+        self.cfg, self.strikes = cfg, 0
+
+    def check(self, metrics: dict[str, float]) -> str | None:
+        """The problem to act on now, or None."""
+        problem = nonfinite(metrics)
+        if problem is not None:
+            return problem
+        if not any(k.startswith("health/") for k in metrics):
+            return None  # not a check step (every ``every`` steps): nothing to count
+        problem = diagnose(self.cfg, metrics)
+        self.strikes = self.strikes + 1 if problem else 0
+        if problem and self.strikes >= self.cfg.patience:
+            self.strikes = 0
+            return problem + (f" at {self.cfg.patience} checks in a row" if self.cfg.patience > 1 else "")
+        return None
+
+
+def nonfinite(metrics: dict[str, float]) -> str | None:
     for key in sorted(metrics, key=lambda k: k != "loss"):  # the loss first: it names the cause best
         if not math.isfinite(metrics[key]):
             return f"{key} is {metrics[key]}"
+    return None
+
+
+def diagnose(cfg: HealthConfig, metrics: dict[str, float]) -> str | None:
+    """The first problem in a step's (process-averaged) metrics, as a sentence, or None."""
+    problem = nonfinite(metrics)
+    if problem is not None:
+        return problem
     for key, value in metrics.items():
         if key.startswith("health/") and key.endswith("/std") and value < cfg.min_std:
             return f"embeddings collapsed: {key} = {value:.3g} < min_std {cfg.min_std}"

@@ -28,7 +28,7 @@ from torch import nn
 from pipeline import checkpoint
 from pipeline.config import Config
 from pipeline.data import to_device
-from pipeline.health import HealthConfig, HealthError, diagnose, embedding_stats
+from pipeline.health import HealthConfig, HealthError, Monitor, embedding_stats
 
 log = logging.getLogger("selfsup.trainer")
 
@@ -101,6 +101,7 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
     bar = _bar(cfg.steps, run["step"], progress and accelerator.is_main_process)
     model.train()
     metrics: dict[str, float] = {}
+    monitor = Monitor(cfg.health)
     t0, seen = time.time(), 0
     while run["step"] < cfg.steps:
         step = run["step"]
@@ -123,7 +124,7 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
         if cfg.optim.grad_clip is not None:
             sums["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip).detach().float()
         step_metrics = _mean_over_processes(sums, accelerator)  # every process decides alike
-        problem = diagnose(cfg.health, step_metrics)
+        problem = monitor.check(step_metrics)
         if problem is not None:
             run, batches = _unhealthy(problem, step + 1, run, cfg, ckpt_dir, learner, opt, loader, accelerator, batches)
             bar.n = run["step"]

@@ -22,7 +22,7 @@ from modalities.image import Modality as Image
 from pipeline import checkpoint
 from pipeline.data import LoaderConfig, SourceConfig, StreamingLoader
 from pipeline.encoder import EncoderConfig
-from pipeline.health import HealthConfig, HealthError, effective_rank, embedding_stats
+from pipeline.health import HealthConfig, HealthError, Monitor, effective_rank, embedding_stats
 from pipeline.objective import Learner
 from pipeline.objectives import mae
 from pipeline.trainer import OptimConfig, TrainerConfig, lr_at, param_groups, train
@@ -153,6 +153,15 @@ def test_health_stats_tell_collapse_from_spread():
     assert s["health/image/std"] < 1e-6 and s["health/text/std"] > 0.5
 
 
+def test_collapse_must_persist_a_nan_acts_at_once():
+    monitor = Monitor(HealthConfig(patience=3))
+    bad, good = {"loss": 1.0, "health/text/std": 0.001, "health/text/rank": 40.0}, {"loss": 1.0, "health/text/std": 0.5}
+    assert [monitor.check(m) for m in (bad, bad, good, bad, bad)] == [None] * 5  # a dip that recovers
+    assert "health/text/std = 0.001 < min_std" in monitor.check(bad)
+    assert monitor.check({"loss": float("nan")}) == "loss is nan"
+    assert monitor.check({"loss": 1.0, "health/x/rank": 1.0}) is None  # rank 1: a first strike only
+
+
 def trainer_cfg(action: str, **kw) -> TrainerConfig:
     return TrainerConfig(steps=8, checkpoint_every=2, log_every=1, optim=OptimConfig(lr=1e-3, warmup_steps=1),
                          health=HealthConfig(action=action, every=1, **kw))
@@ -180,7 +189,7 @@ def collapse(learner: Learner) -> None:
 def test_collapse_stops_the_run(data, tmp_path):
     learner, loader = setup(data)
     collapse(learner)
-    with pytest.raises(HealthError, match=r"step 1: embeddings collapsed: health/image/(std|rank)"):
+    with pytest.raises(HealthError, match=r"step 3: embeddings collapsed: health/image/(std|rank) .* at 3 checks in a row"):
         train(learner, loader, trainer_cfg("stop"), tmp_path, accelerator(), progress=False)
 
 
@@ -189,7 +198,8 @@ def test_collapse_warns_and_goes_on(data, tmp_path, caplog):
     collapse(learner)
     with caplog.at_level(logging.WARNING, logger="selfsup"):
         summary = train(learner, loader, trainer_cfg("warn"), tmp_path, accelerator(), progress=False)
-    assert summary["step"] == 8 and sum("collapsed" in r.message for r in caplog.records) == 8
+    # patience 3: warned at the 3rd and 6th check, the counts starting over after each warning
+    assert summary["step"] == 8 and sum("collapsed" in r.message for r in caplog.records) == 2
 
 
 def inject_nan(learner: Learner, at_step: int, times: int = 1) -> list[int]:
