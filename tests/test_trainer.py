@@ -155,9 +155,9 @@ def test_health_stats_tell_collapse_from_spread():
 
 def test_collapse_must_persist_a_nan_acts_at_once():
     monitor = Monitor(HealthConfig(patience=3))
-    bad, good = {"loss": 1.0, "health/text/std": 0.001, "health/text/rank": 40.0}, {"loss": 1.0, "health/text/std": 0.5}
+    bad, good = {"loss": 1.0, "health/text/std": 1e-05, "health/text/rank": 40.0}, {"loss": 1.0, "health/text/std": 0.5}
     assert [monitor.check(m) for m in (bad, bad, good, bad, bad)] == [None] * 5  # a dip that recovers
-    assert "health/text/std = 0.001 < min_std" in monitor.check(bad)
+    assert "health/text/std = 1e-05 < min_std" in monitor.check(bad)
     assert monitor.check({"loss": float("nan")}) == "loss is nan"
     assert monitor.check({"loss": 1.0, "health/x/rank": 1.0}) is None  # rank 1: a first strike only
 
