@@ -264,3 +264,30 @@ def test_pretrain_stage_writes_encoders_stock_classes_load(data, tmp_path):
     # stock ViTModel adds a pooler the encoder never uses (its pooled embedding is its own)
     exported = {k: v for k, v in model.state_dict().items() if not k.startswith("pooler.")}
     assert exported and all(torch.equal(v, weights[f"encoders.image.model.{k}"]) for k, v in exported.items())
+
+
+def test_several_objectives_on_a_mixture_of_sources(data, tmp_path, starter_tokenizer):
+    """MAE on an image source and MLM on a text source in one stage: each batch trains the
+    objective whose modality it holds, in the proportion of the source weights."""
+    from conftest import STARTER
+
+    from modalities.text import TextConfig
+    from pipeline.stage import Context
+    from stages import pretrain
+
+    cfg = pretrain.Config(sources={"imgs": 1.0, "glosses": 1.0}, objectives={"mae": {"decoder_width": 32, "decoder_heads": 2},
+                                                                              "mlm": {"weight": 0.5}},
+                          encoders={"image": TINY, "text": TINY}, steps=12, log_every=1,
+                          loader={"batch_size": 4, "num_workers": 0})
+    sources = {"imgs": SourceConfig(shards=str(data), modalities=["image"]),
+               "glosses": SourceConfig(shards=str(STARTER / "wordnet" / "test"), modalities=["text"])}
+    ctx = Context(out_dir=tmp_path / "pt", sources=sources, progress=False,
+                  modalities={"image": ImageConfig(size=16), "text": TextConfig(tokenizer=starter_tokenizer, max_length=24)})
+    ctx.out_dir.mkdir()
+    assert pretrain.run(cfg, ctx)["step"] == 12
+    lines = [json.loads(x) for x in (tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()]
+    mae_steps = [x["step"] for x in lines if "mae/loss" in x]
+    mlm_steps = [x["step"] for x in lines if "mlm/loss" in x]
+    assert mae_steps and mlm_steps and sorted(mae_steps + mlm_steps) == list(range(1, 13))
+    assert all(x["loss"] == pytest.approx(0.5 * x["mlm/loss"], rel=1e-4) for x in lines if "mlm/loss" in x)
+    assert {p.name for p in (tmp_path / "pt" / "encoders").iterdir()} == {"image", "text"}
