@@ -96,8 +96,14 @@ def run_recipe(path: str | Path, overrides: list[str] = (), runs: str | Path = "
 
 
 def run_stage(module, cfg, ctx: Context, digest: str, force: bool = False, clear: bool = True) -> dict:
-    """Run one stage into ``ctx.out_dir`` unless up to date; ``clear=False`` never deletes files there."""
+    """Run one stage into ``ctx.out_dir`` unless up to date; ``clear=False`` never deletes files there.
+
+    Under a multi-process launch (``accelerate launch``, torchrun) process 0 owns the stage
+    directory; the others follow it (``_follow``)."""
     done_file, started = ctx.out_dir / "done.json", ctx.out_dir / "stage.json"
+    rank, world, launch = _launch()
+    if world > 1 and rank != 0:
+        return _follow(module, cfg, ctx, digest, force, launch)
     if not force and done_file.is_file() and json.loads(done_file.read_text()).get("hash") == digest:
         log.info("%s: up to date, skipped", ctx.out_dir.name)
         return json.loads(done_file.read_text())["summary"]
@@ -106,14 +112,46 @@ def run_stage(module, cfg, ctx: Context, digest: str, force: bool = False, clear
     elif started.is_file() and not done_file.is_file():
         log.info("%s: continuing an interrupted run", ctx.out_dir.name)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    _write(started, json.dumps({"hash": digest, "started": time.time()}))
+    _write(started, json.dumps({"hash": digest, "started": time.time(), "launch": launch}))
     _write(ctx.out_dir / "config.yaml", yaml.safe_dump(dump(cfg), sort_keys=False))
     log.info("%s: running", ctx.out_dir.name)
     t0 = time.time()
     summary = module.run(cfg, ctx) or {}
-    _write(done_file, json.dumps({"hash": digest, "seconds": round(time.time() - t0, 2), "summary": summary},
-                                 indent=1, default=str))
+    _write(done_file, json.dumps({"hash": digest, "seconds": round(time.time() - t0, 2), "summary": summary,
+                                  "launch": launch}, indent=1, default=str))
     return summary
+
+
+def _launch() -> tuple[int, int, str]:
+    """(rank, number of processes, an id shared by the processes of this launch)."""
+    env = os.environ
+    run_id = env.get("TORCHELASTIC_RUN_ID") or f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"
+    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), run_id
+
+
+def _follow(module, cfg, ctx: Context, digest: str, force: bool, launch: str) -> dict:
+    """A process other than 0 of a launch. A stage that runs on many processes (its module sets
+    ``distributed = True``: pretrain) starts once process 0 has prepared the directory for this
+    launch; any other stage is process 0's alone, and this one waits for its ``done.json``."""
+    def ready(path: Path, need_launch: bool) -> dict | None:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if data.get("hash") == digest and (not need_launch or data.get("launch") == launch) else None
+
+    def wait(path: Path, need_launch: bool) -> dict:
+        while (data := ready(path, need_launch)) is None:
+            time.sleep(0.2)  # if process 0 fails, the launcher stops this process too
+        return data
+
+    done = ready(ctx.out_dir / "done.json", need_launch=force)
+    if done is not None:
+        return done["summary"]
+    if getattr(module, "distributed", False):
+        wait(ctx.out_dir / "stage.json", need_launch=True)
+        return module.run(cfg, ctx) or {}
+    return wait(ctx.out_dir / "done.json", need_launch=True)["summary"]
 
 
 def fingerprint(path: Path) -> str:

@@ -23,6 +23,9 @@ from pipeline.encoder import EncoderConfig
 from pipeline.stage import Context, StageConfig
 from pipeline.trainer import TrainerConfig
 
+#: every process of a launch runs this stage (the runner leaves other stages to process 0)
+distributed = True
+
 
 class Config(TrainerConfig, StageConfig):
     #: recipe sources to train on: a list, or {source: weight} to override their mixing weights

@@ -1,6 +1,6 @@
 """Two real processes (``accelerate launch``): the same loss and gradients as one process with the
 concatenated batch (CLIP contrasts across processes through gathered features), and the pretrain
-stage itself running, checkpointing and finishing on two processes."""
+recipe running on two processes: one-process stages on process 0, the pretrain stage on both."""
 
 from __future__ import annotations
 
@@ -47,20 +47,25 @@ def test_two_processes_match_one_process_with_the_whole_batch(starter_tokenizer,
 
 
 @pytest.mark.slow
-def test_pretrain_stage_on_two_processes(starter_tokenizer, tmp_path):
+def test_a_recipe_runs_on_two_processes(tmp_path):
+    """``accelerate launch -m pipeline.cli run``: process 0 alone trains the tokenizer, the other
+    waits for it; both then train CLIP together, checkpoint and finish."""
+    emoji = str(REPO / "data/starter/emoji/train")
+    tiny = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "patch_size": 4}
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({
-        "name": "two", "sources": {"emoji": {"shards": str(REPO / "data/starter/emoji/train"), "modalities": ["image", "text"]}},
-        "modalities": {"image": {"size": 16}, "text": {"tokenizer": starter_tokenizer, "max_length": 24}}, "stages": []}))
-    out = tmp_path / "pt"
-    launch("-m", "pipeline.cli", "pretrain", "--recipe", str(recipe), "--out", str(out), "--sources", "[emoji]",
-           "--objectives", "{clip: {}}", "--steps", "4", "--accumulate", "2", "--checkpoint-every", "2",
-           "--encoders", json.dumps({m: {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "patch_size": 4}
-                                     for m in ("image", "text")}),
-           "--loader", json.dumps({"batch_size": 8, "num_workers": 1, "ledger": str(out / "ledger")}), cwd=tmp_path)
+        "name": "two", "sources": {"emoji": {"shards": emoji, "modalities": ["image", "text"]}},
+        "modalities": {"image": {"size": 16}, "text": {"tokenizer": "{run}/tokenize", "max_length": 24}},
+        "stages": [{"name": "tokenize", "shards": [emoji], "vocab_size": 300},
+                   {"name": "clip", "stage": "pretrain", "sources": ["emoji"], "objectives": {"clip": {}},
+                    "steps": 4, "accumulate": 2, "checkpoint_every": 2, "encoders": {"image": tiny, "text": tiny},
+                    "loader": {"batch_size": 8, "num_workers": 1, "ledger": str(tmp_path / "ledger")}}]}))
+    launch("-m", "pipeline.cli", "run", str(recipe), "--runs", str(tmp_path / "runs"), cwd=tmp_path)
+    out = tmp_path / "runs" / "two" / "clip"
     state = json.loads((out / "checkpoints" / "step_00000004" / "state.json").read_text())
     assert state["world_size"] == 2 and [d["rank"] for d in state["data"]] == [0, 1]
-    keys = [[k for ln in (out / "ledger" / f"rank{r:05d}.jsonl").read_text().splitlines() for k in json.loads(ln)["keys"]]
-            for r in (0, 1)]
+    keys = [[k for ln in (tmp_path / "ledger" / f"rank{r:05d}.jsonl").read_text().splitlines()
+             for k in json.loads(ln)["keys"]] for r in (0, 1)]
     assert len(keys[0]) == len(keys[1]) == 4 * 2 * 8 and not set(keys[0]) & set(keys[1])
+    assert json.loads((out / "done.json").read_text())["summary"]["step"] == 4
     assert (out / "encoders" / "text" / "tokenizer.json").is_file() and (out / "encoders" / "image" / "config.json").is_file()
