@@ -26,7 +26,7 @@ def main() -> None:
     args = p.parse_args()
     acc = Accelerator(cpu=True)
     results = {}
-    for case, (objective, modalities, batch) in torch.load(args.batches, weights_only=False).items():
+    for case, (objective, modalities, batch) in torch.load(args.batches, weights_only=True).items():
         model = learner(objective, modalities, args.tokenizer)
         ddp = acc.prepare(model)
         half = split(batch, acc.num_processes)[acc.process_index]

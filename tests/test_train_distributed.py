@@ -34,7 +34,7 @@ def test_two_processes_match_one_process_with_the_whole_batch(starter_tokenizer,
     torch.save(batches, tmp_path / "batches.pt")
     launch(str(REPO / "tests" / "_train_worker.py"), "--batches", str(tmp_path / "batches.pt"),
            "--tokenizer", starter_tokenizer, "--out", str(tmp_path / "two.pt"))
-    two = torch.load(tmp_path / "two.pt")
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
     for case, (objective, modalities, batch) in batches.items():
         model = learner(objective, modalities, starter_tokenizer)
         loss = model(batch)["loss"]
