@@ -123,7 +123,9 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
             seen += len(mb["__key__"])
         if cfg.optim.grad_clip is not None:
             sums["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip).detach().float()
-        step_metrics = _mean_over_processes(sums, accelerator)  # every process decides alike
+        # one host sync per step: the health check must see the loss before the step applies it,
+        # and every process must decide alike
+        step_metrics = _mean_over_processes(sums, accelerator)
         problem = monitor.check(step_metrics)
         if problem is not None:
             run, batches = _unhealthy(problem, step + 1, run, cfg, ckpt_dir, learner, opt, loader, accelerator, batches)
@@ -144,7 +146,7 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
             save(ckpt_dir, run, model, opt, loader, accelerator, cfg, resolved)
     bar.close()
     logger.close()
-    return {"step": run["step"], "rollbacks": run["rollbacks"], **{k: _short(v) for k, v in metrics.items()}}
+    return {"step": run["step"], "rollbacks": run["rollbacks"], **{key: _short(v) for key, v in metrics.items()}}
 
 
 def _unhealthy(problem, step, run, cfg, ckpt_dir, learner, opt, loader, accelerator, batches):
