@@ -100,15 +100,16 @@ class Objective(Base):
         mask = self.make_mask(batch, enc.maskable(x))  # [B, N]
         target, target_var = self.targets(x)
         out = enc(x, mask=mask)
-        pred = self.head(out.tokens).float()  # [B, N, D]
+        pred = self.head(out.tokens[mask]).float()  # [M, D], masked positions only
         if self.cfg.loss_beta == 0:
-            err = F.mse_loss(pred, target, reduction="none").mean(-1)  # [B, N]
+            err = F.mse_loss(pred, target[mask], reduction="none").mean(-1)  # [M]
         else:
-            err = F.smooth_l1_loss(pred, target, beta=self.cfg.loss_beta, reduction="none").mean(-1)
+            err = F.smooth_l1_loss(pred, target[mask], beta=self.cfg.loss_beta, reduction="none").mean(-1)
         # mean over each sample's masked positions, then over samples: every sample weighs the same,
         # so the loss of a batch is the mean of the losses of its parts (processes, micro-batches)
-        m = mask.float()
-        loss = ((err * m).sum(1) / m.sum(1).clamp(min=1)).sum() / m.any(1).sum().clamp(min=1)
+        counts = mask.sum(1)  # [B]
+        per_sample = torch.zeros(len(counts), device=err.device).index_add_(0, mask.nonzero()[:, 0], err)
+        loss = (per_sample / counts.clamp(min=1)).sum() / (counts > 0).sum().clamp(min=1)
         return {"loss": loss, "target_var": target_var, "embeddings": {self.cfg.modality: out.pooled.detach()}}
 
     @torch.no_grad()
