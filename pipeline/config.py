@@ -117,6 +117,8 @@ def explain(error: ValidationError, cls: type[BaseModel], where: str) -> str:
         return f"{where}: unknown key {key!r}{_suggest(loc[-1], valid)}; valid keys: {', '.join(sorted(valid))}"
     if err["type"] == "missing":
         return f"{where}: missing required key {key!r}"
+    if err["type"] == "value_error" and isinstance(err.get("ctx", {}).get("error"), ConfigError):
+        return f"{where}: {key}: {err['ctx']['error']}"  # a nested config's own message says it all
     return f"{where}: {key}: {err['msg']} (got {json.dumps(err.get('input'), default=str)[:80]})"
 
 

@@ -79,7 +79,10 @@ def run(cfg: Config, ctx: Context) -> dict:
         ecfg = cfg.encoders.get(m, EncoderConfig())
         if ecfg.init_from:
             ecfg = ecfg.model_copy(update={"init_from": str(ctx.path(ecfg.init_from))})
-        encoders[m] = mods[m].encoder(ecfg)
+        try:
+            encoders[m] = mods[m].encoder(ecfg)
+        except ConfigError as e:
+            raise ConfigError(f"encoders.{m}: {e}") from None
     objectives = {name: module.Objective(ocfg, encoders, name, ctx.seed) for name, (module, ocfg) in built.items()}
     learner = Learner(encoders, objectives)
     loader = StreamingLoader(_sources(cfg, ctx, needed), cfg.loader, {m: mods[m].cfg for m in needed}, seed=ctx.seed,

@@ -291,3 +291,17 @@ def test_several_objectives_on_a_mixture_of_sources(data, tmp_path, starter_toke
     assert mae_steps and mlm_steps and sorted(mae_steps + mlm_steps) == list(range(1, 13))
     assert all(x["loss"] == pytest.approx(0.5 * x["mlm/loss"], rel=1e-4) for x in lines if "mlm/loss" in x)
     assert {p.name for p in (tmp_path / "pt" / "encoders").iterdir()} == {"image", "text"}
+
+
+@pytest.mark.parametrize("objectives, message", [
+    ({"mea": {}}, r"objectives: unknown objective 'mea' \(did you mean 'mae'\?\)"),
+    ({"mae": {"mask_ratoi": 0.5}}, r"objectives.mae \(mae\): unknown key 'mask_ratoi' \(did you mean 'mask_ratio'\?\)"),
+    ({"mae": {"mask_ratio": 1.5}}, r"objectives.mae \(mae\): mask_ratio: Input should be less than 1 \(got 1.5\)$"),
+    ({"d2v": {"objective": "data2vec", "ema_strat": 0.9}}, r"objectives.d2v \(data2vec\): unknown key 'ema_strat'"),
+])
+def test_objective_settings_are_checked_when_the_stage_config_is_built(objectives, message):
+    from pipeline.config import ConfigError, build
+    from stages import pretrain
+
+    with pytest.raises(ConfigError, match=message):
+        build(pretrain.Config, {"sources": ["x"], "objectives": objectives}, "recipe.yaml: stages.pt")
