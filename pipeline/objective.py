@@ -71,7 +71,7 @@ class Objective(nn.Module):
         return torch.stack(rows).to(_device(batch))
 
     def generators(self, batch: dict) -> list[torch.Generator]:
-        from pipeline.data import hash_int
+        from pipeline.seeding import hash_int
 
         step, source = batch.get("__step__", 0), batch.get("__source__", "")
         return [torch.Generator().manual_seed(hash_int(self.seed, self.name, step, source, key) >> 1)

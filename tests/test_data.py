@@ -219,7 +219,7 @@ def test_unusual_and_broken_pngs_behave_as_with_pil():
 
 
 def test_sample_rng_is_a_function_of_seed_epoch_and_key():
-    from pipeline.data import sample_rng
+    from pipeline.seeding import sample_rng
 
     def draws(rng):
         return [rng.random(), rng.uniform(2, 3), rng.randint(0, 9), rng.getrandbits(130), rng.gauss(0, 1),
