@@ -275,36 +275,16 @@ class Data2VecPeer(nn.Module):
             t.lerp_(s, 1 - momentum)
 
 
-def peer_data2vec(modality: str, dims: dict, batch: dict, tokenizer) -> Side:
-    from transformers import Data2VecTextConfig, Data2VecTextModel, Data2VecVisionConfig, Data2VecVisionModel
+def _d2v_dims(dims: dict) -> dict:
+    """Data2Vec*Config settings shared by both modalities: the dims ours has, no dropout, SDPA."""
+    return {"hidden_size": dims["width"], "num_hidden_layers": dims["layers"], "num_attention_heads": dims["heads"],
+            "intermediate_size": 4 * dims["width"], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+            "attn_implementation": "sdpa"}
 
-    d, top_k, ratio = dims["width"], max(1, dims["layers"] // 2), D2V_MASK[modality]
-    common = {"hidden_size": d, "num_hidden_layers": dims["layers"], "num_attention_heads": dims["heads"],
-              "intermediate_size": 4 * d, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-              "attn_implementation": "sdpa"}
-    if modality == "image":
-        # absolute positions, no layer scale / relative bias / drop path: the plain ViT ours is
-        cfg = Data2VecVisionConfig(**common, image_size=dims["image"], patch_size=dims["patch"], num_channels=3,
-                                   layer_norm_eps=1e-6, use_mask_token=True, use_absolute_position_embeddings=True,
-                                   use_relative_position_bias=False, layer_scale_init_value=0.0, drop_path_rate=0.0,
-                                   use_mean_pooling=False)
-        model = Data2VecPeer(Data2VecVisionModel(cfg, add_pooling_layer=False), top_k, prefix=1)
-        x = batch["image"]
-        n = (dims["image"] // dims["patch"]) ** 2
-        maskable = torch.ones(x.shape[0], n, dtype=torch.bool, device=x.device)
 
-        def views(mask):
-            return {"pixel_values": x}, {"pixel_values": x, "bool_masked_pos": mask}
-    else:
-        cfg = Data2VecTextConfig(**common, vocab_size=dims["vocab"], pad_token_id=tokenizer.pad_token_id,
-                                 max_position_embeddings=max(512, dims["seq"]) + 2)  # RoBERTa positions start at pad + 1
-        model = Data2VecPeer(Data2VecTextModel(cfg, add_pooling_layer=False), top_k, prefix=0)
-        text = batch["text"]
-        maskable = ~torch.isin(text["input_ids"], torch.tensor(tokenizer.all_special_ids, device=text["input_ids"].device))
-
-        def views(mask):
-            return text, {**text, "input_ids": text["input_ids"].masked_fill(mask, tokenizer.mask_token_id)}
-
+def _d2v_side(model: Data2VecPeer, maskable: torch.Tensor, views, ratio: float) -> Side:
+    """A student/teacher step: random mask over ``maskable`` [B, N]; ``views(mask)`` gives the
+    teacher's and the student's inputs."""
     def loss(step: int) -> torch.Tensor:
         mask = (torch.rand(maskable.shape, device=maskable.device) < ratio) & maskable
         full, masked = views(mask)
@@ -313,14 +293,46 @@ def peer_data2vec(modality: str, dims: dict, batch: dict, tokenizer) -> Side:
     return Side(model, loss, lambda step: model.ema(EMA))
 
 
+def peer_data2vec_image(dims: dict, batch: dict, tokenizer) -> Side:
+    from transformers import Data2VecVisionConfig, Data2VecVisionModel
+
+    # absolute positions, no layer scale / relative bias / drop path: the plain ViT ours is
+    cfg = Data2VecVisionConfig(**_d2v_dims(dims), image_size=dims["image"], patch_size=dims["patch"], num_channels=3,
+                               layer_norm_eps=1e-6, use_mask_token=True, use_absolute_position_embeddings=True,
+                               use_relative_position_bias=False, layer_scale_init_value=0.0, drop_path_rate=0.0,
+                               use_mean_pooling=False)
+    model = Data2VecPeer(Data2VecVisionModel(cfg, add_pooling_layer=False), max(1, dims["layers"] // 2), prefix=1)
+    x = batch["image"]
+    maskable = torch.ones(x.shape[0], (dims["image"] // dims["patch"]) ** 2, dtype=torch.bool, device=x.device)
+    return _d2v_side(model, maskable, lambda mask: ({"pixel_values": x}, {"pixel_values": x, "bool_masked_pos": mask}),
+                     D2V_MASK["image"])
+
+
+def peer_data2vec_text(dims: dict, batch: dict, tokenizer) -> Side:
+    from transformers import Data2VecTextConfig, Data2VecTextModel
+
+    cfg = Data2VecTextConfig(**_d2v_dims(dims), vocab_size=dims["vocab"], pad_token_id=tokenizer.pad_token_id,
+                             max_position_embeddings=max(512, dims["seq"]) + 2)  # RoBERTa positions start at pad + 1
+    model = Data2VecPeer(Data2VecTextModel(cfg, add_pooling_layer=False), max(1, dims["layers"] // 2), prefix=0)
+    text = batch["text"]
+    ids = text["input_ids"]
+    maskable = ~torch.isin(ids, torch.tensor(tokenizer.all_special_ids, device=ids.device))
+    return _d2v_side(model, maskable, lambda mask: (text, {**text, "input_ids": ids.masked_fill(mask, tokenizer.mask_token_id)}),
+                     D2V_MASK["text"])
+
+
+#: the peer of each benchmarked objective: (dims, batch, tokenizer) → Side
+PEERS = {
+    "mae": lambda dims, batch, tok: peer_mae(dims, batch),
+    "mlm": peer_mlm,
+    "clip": lambda dims, batch, tok: peer_clip(dims, batch),
+    "data2vec-image": peer_data2vec_image,
+    "data2vec-text": peer_data2vec_text,
+}
+
+
 def peer(name: str, dims: dict, batch: dict, tokenizer) -> Side:
-    if name == "mae":
-        return peer_mae(dims, batch)
-    if name == "mlm":
-        return peer_mlm(dims, batch, tokenizer)
-    if name == "clip":
-        return peer_clip(dims, batch)
-    return peer_data2vec(name.split("-")[1], dims, batch, tokenizer)
+    return PEERS[name](dims, batch, tokenizer)
 
 
 # ---------------------------------------------------------------- timing
