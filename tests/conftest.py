@@ -5,16 +5,19 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pytest
+from PIL import Image
 
-from pipeline.shards import write_shards  # noqa: E402
+from pipeline.shards import write_shards
 
 REPO = Path(__file__).resolve().parent.parent
 STARTER = REPO / "data" / "starter"
@@ -50,3 +53,24 @@ def starter_tokenizer(tmp_path_factory) -> str:
     shards = [str(STARTER / name / "test") for name in ("wordnet", "emoji", "speech")]
     tokenize.run(tokenize.Config(shards=shards, vocab_size=2000), Context(out_dir=out, progress=False))
     return str(out)
+
+
+def launch_two(*args: str, cwd: Path | None = None) -> str:
+    """``accelerate launch`` of two real CPU processes (``--cpu`` alone would start only one) running
+    ``args`` (a script and its arguments, or ``-m module ...``); returns their stdout."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def ranks_keys(ledger: Path) -> dict[int, list[str]]:
+    """Every sample key a loader's ledger recorded, per process rank, in consumption order."""
+    return {int(f.stem[4:]): [k for ln in f.read_text().splitlines() for k in json.loads(ln)["keys"]]
+            for f in sorted(ledger.glob("rank*.jsonl"))}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import image_shards, png
+from conftest import image_shards, png, ranks_keys
 
 from modalities.image import ImageConfig
 from pipeline.data import LoaderConfig, SampleError, SourceConfig, StreamingLoader
@@ -35,8 +35,8 @@ def same(a, b) -> bool:
 
 
 def ledger_keys(folder: Path) -> list[str]:
-    return [k for f in sorted(folder.glob("rank*.jsonl")) for ln in f.read_text().splitlines()
-            for k in json.loads(ln)["keys"]]
+    """Every rank's keys, rank by rank."""
+    return [k for keys in ranks_keys(folder).values() for k in keys]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -4,15 +4,12 @@ also when resuming from a one-process run's saved position (elastic)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from itertools import islice
 from pathlib import Path
 
 import pytest
-from conftest import REPO, image_shards
+from conftest import REPO, image_shards, launch_two, ranks_keys
 
 from modalities.image import ImageConfig
 from pipeline.data import LoaderConfig, SourceConfig, StreamingLoader
@@ -21,19 +18,7 @@ N = 120
 
 
 def launch(*args: str) -> str:
-    """``accelerate launch`` of two CPU processes (``--cpu`` alone would start only one)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(29500 + os.getpid() % 1000), str(REPO / "tests" / "_dist_worker.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
-def ranks_keys(ledger: Path) -> dict[int, list[str]]:
-    return {int(f.stem[4:]): [k for ln in f.read_text().splitlines() for k in json.loads(ln)["keys"]]
-            for f in sorted(ledger.glob("rank*.jsonl"))}
+    return launch_two(str(REPO / "tests" / "_dist_worker.py"), *args)
 
 
 @pytest.fixture(scope="module")

@@ -5,34 +5,20 @@ recipe running on two processes: one-process stages on process 0, the pretrain s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, launch_two, ranks_keys
 from test_objectives import learner, starter_batch
 
 CASES = {"clip-image-text": ("clip", ("image", "text")), "mae-image": ("mae", ("image",)),
          "data2vec-audio": ("data2vec", ("audio",))}
 
 
-def launch(*args: str, cwd: Path | None = None) -> str:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(29600 + os.getpid() % 1000), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
 def test_two_processes_match_one_process_with_the_whole_batch(starter_tokenizer, tmp_path):
     batches = {case: (o, m, {**starter_batch(m, starter_tokenizer), "__step__": 2}) for case, (o, m) in CASES.items()}
     torch.save(batches, tmp_path / "batches.pt")
-    launch(str(REPO / "tests" / "_train_worker.py"), "--batches", str(tmp_path / "batches.pt"),
+    launch_two(str(REPO / "tests" / "_train_worker.py"), "--batches", str(tmp_path / "batches.pt"),
            "--tokenizer", starter_tokenizer, "--out", str(tmp_path / "two.pt"))
     two = torch.load(tmp_path / "two.pt", weights_only=True)
     for case, (objective, modalities, batch) in batches.items():
@@ -60,12 +46,11 @@ def test_a_recipe_runs_on_two_processes(tmp_path):
                    {"name": "clip", "stage": "pretrain", "sources": ["emoji"], "objectives": {"clip": {}},
                     "steps": 4, "accumulate": 2, "checkpoint_every": 2, "encoders": {"image": tiny, "text": tiny},
                     "loader": {"batch_size": 8, "num_workers": 1, "ledger": str(tmp_path / "ledger")}}]}))
-    launch("-m", "pipeline.cli", "run", str(recipe), "--runs", str(tmp_path / "runs"), cwd=tmp_path)
+    launch_two("-m", "pipeline.cli", "run", str(recipe), "--runs", str(tmp_path / "runs"), cwd=tmp_path)
     out = tmp_path / "runs" / "two" / "clip"
     state = json.loads((out / "checkpoints" / "step_00000004" / "state.json").read_text())
     assert state["world_size"] == 2 and [d["rank"] for d in state["data"]] == [0, 1]
-    keys = [[k for ln in (tmp_path / "ledger" / f"rank{r:05d}.jsonl").read_text().splitlines()
-             for k in json.loads(ln)["keys"]] for r in (0, 1)]
+    keys = ranks_keys(tmp_path / "ledger")
     assert len(keys[0]) == len(keys[1]) == 4 * 2 * 8 and not set(keys[0]) & set(keys[1])
     assert json.loads((out / "done.json").read_text())["summary"]["step"] == 4
     assert (out / "encoders" / "text" / "tokenizer.json").is_file() and (out / "encoders" / "image" / "config.json").is_file()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import image_shards
+from conftest import image_shards, ranks_keys
 from safetensors.torch import load_file
 
 from modalities.image import ImageConfig
@@ -107,10 +107,7 @@ def test_sigkill_then_resume_is_bitwise_identical(data, tmp_path):
     b = load_file(tmp_path / "killed" / "checkpoints" / f"step_{steps:08d}" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    def ledger(out):
-        return [k for ln in (out / "ledger" / "rank00000.jsonl").read_text().splitlines() for k in json.loads(ln)["keys"]]
-
-    keys_a, keys_b = ledger(tmp_path / "straight"), ledger(tmp_path / "killed")
+    keys_a, keys_b = ranks_keys(tmp_path / "straight" / "ledger")[0], ranks_keys(tmp_path / "killed" / "ledger")[0]
     assert keys_a == keys_b and len(keys_a) == steps * 8
     per_epoch = [keys_b[i: i + 96] for i in range(0, len(keys_b) - 95, 96)]
     assert all(len(set(e)) == 96 for e in per_epoch)  # each epoch: every sample once
