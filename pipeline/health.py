@@ -73,7 +73,8 @@ def effective_rank(z: torch.Tensor) -> torch.Tensor:
 
 
 class Monitor:
-    """Applies ``diagnose`` step after step, holding collapse signals to ``patience``."""
+    """Checks every step's metrics: a non-finite value at once, collapse signals once they have held
+    for ``patience`` checks in a row."""
 
     def __init__(self, cfg: HealthConfig):
         self.cfg, self.strikes = cfg, 0
@@ -85,7 +86,7 @@ class Monitor:
             return problem
         if not any(k.startswith("health/") for k in metrics):
             return None  # not a check step (every ``every`` steps): nothing to count
-        problem = diagnose(self.cfg, metrics)
+        problem = collapse(self.cfg, metrics)
         self.strikes = self.strikes + 1 if problem else 0
         if problem and self.strikes >= self.cfg.patience:
             self.strikes = 0
@@ -94,17 +95,15 @@ class Monitor:
 
 
 def nonfinite(metrics: dict[str, float]) -> str | None:
+    """The first NaN / inf among the metrics, as a sentence, or None."""
     for key in sorted(metrics, key=lambda k: k != "loss"):  # the loss first: it names the cause best
         if not math.isfinite(metrics[key]):
             return f"{key} is {metrics[key]}"
     return None
 
 
-def diagnose(cfg: HealthConfig, metrics: dict[str, float]) -> str | None:
-    """The first problem in a step's (process-averaged) metrics, as a sentence, or None."""
-    problem = nonfinite(metrics)
-    if problem is not None:
-        return problem
+def collapse(cfg: HealthConfig, metrics: dict[str, float]) -> str | None:
+    """The first collapse signal in a check step's (process-averaged) metrics, as a sentence, or None."""
     for key, value in metrics.items():
         if key.startswith("health/") and key.endswith("/std") and value < cfg.min_std:
             return f"embeddings collapsed: {key} = {value:.3g} < min_std {cfg.min_std}"
