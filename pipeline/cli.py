@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import registry
     from pipeline.config import ConfigError
     from pipeline.data import SampleError
+    from pipeline.health import HealthError
     from pipeline.shards import ShardError
 
     stages = registry.names("stage")
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardError, SampleError) as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
         return 2
+    except HealthError as e:  # the run stopped itself: the message names the problem and the checkpoint
+        print(f"selfsup: stopped: {e}", file=sys.stderr)
+        return 1
 
 
 def _run(args) -> int:

@@ -302,3 +302,17 @@ def test_objective_settings_are_checked_when_the_stage_config_is_built(objective
 
     with pytest.raises(ConfigError, match=message):
         build(pretrain.Config, {"sources": ["x"], "objectives": objectives}, "recipe.yaml: stages.pt")
+
+
+def test_a_health_stop_is_one_line_and_exit_status_1(monkeypatch, tmp_path, capsys):
+    from pipeline.cli import main
+    from stages import pretrain
+
+    def stopped(cfg, ctx):
+        raise HealthError("step 30: loss is nan; stopped, last good checkpoint: runs/x/checkpoints/step_00000020")
+
+    monkeypatch.setattr(pretrain, "run", stopped)
+    status = main(["pretrain", "--sources", "[x]", "--objectives", "{mae: {}}", "--out", str(tmp_path / "pt")])
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and err == ("selfsup: stopped: step 30: loss is nan; stopped, last good checkpoint: "
+                                   "runs/x/checkpoints/step_00000020")
