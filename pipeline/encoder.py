@@ -9,6 +9,11 @@ of the stock forward:
 - ``forward(inputs, keep=idx)``: the encoder runs on the kept patches only (MAE);
 - ``forward(inputs, mask=m)``: masked positions are replaced by the learned mask token (data2vec,
   MLM); ``keep`` and ``mask`` may be combined (mask first, then keep);
+- ``forward(inputs, rows=r)``: the last layer is evaluated at the given rows only. Its keys and
+  values still cover every row, so the states at those rows are the full forward's, but queries,
+  output projection and MLP run on the rows an objective reads (the masked ones for MLM and
+  data2vec, [CLS] for a CLIP tower with ``pooling: cls``) instead of on all of them;
+- ``embed(inputs)``: the pooled embedding alone (through ``rows`` when it is the [CLS] state);
 - ``patchify(inputs)``: per-patch values, the MAE regression targets.
 
 Positions (the ``N`` of ``keep``, ``mask``, ``maskable`` and ``patchify``) are the maskable units:
@@ -67,14 +72,16 @@ class EncoderConfig(Config):
 
 @dataclass
 class EncoderOutput:
-    #: [B, L, D] final states, after the model's last normalization (L = prefix + positions)
+    #: [B, L, D] final states, after the model's last normalization (L = prefix + positions);
+    #: [B, S, D] at the requested rows when the forward was given ``rows`` [B, S]
     last_hidden_state: torch.Tensor
     #: num_layers + 1 tensors [B, L, D]: the embedding output (input of layer 1), then the output of
-    #: each layer, as transformers' ``output_hidden_states`` returns them. A ViT (pre-norm) applies
-    #: its final LayerNorm after the last entry; BERT (post-norm) has none, so its last entry equals
-    #: ``last_hidden_state``.
+    #: each layer, as transformers' ``output_hidden_states`` returns them (the last one [B, S, D]
+    #: with ``rows``). A ViT (pre-norm) applies its final LayerNorm after the last entry; BERT
+    #: (post-norm) has none, so its last entry equals ``last_hidden_state``.
     hidden_states: tuple[torch.Tensor, ...]
-    #: [B, D] pooled embedding (``EncoderConfig.pooling``)
+    #: [B, D] pooled embedding (``EncoderConfig.pooling``); with ``rows``, the same pooling of the
+    #: last layer's input, the deepest states computed at every row (what a health monitor watches)
     pooled: torch.Tensor
     #: [B, L] 1 for real tokens, 0 for padding; None when nothing is padded (ViT)
     attention_mask: torch.Tensor | None = None
@@ -108,8 +115,22 @@ class Encoder(nn.Module):
         if cfg.init_from:
             self.load(cfg.init_from, where)
 
-    def forward(self, inputs, *, keep: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> EncoderOutput:
+    def forward(self, inputs, *, keep: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> EncoderOutput:
         raise NotImplementedError
+
+    def embed(self, inputs) -> torch.Tensor:
+        """[B, D]: the pooled embedding, computing no more of the last layer than it needs: with
+        ``pooling: cls`` that layer runs at the [CLS] row alone."""
+        if self.cfg.pooling == "cls":
+            x = inputs["input_ids"] if isinstance(inputs, dict) else inputs
+            return self(inputs, rows=torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)).last_hidden_state[:, 0]
+        return self(inputs).pooled
+
+    def _output(self, last: torch.Tensor, hidden: list[torch.Tensor], rows, attention=None) -> EncoderOutput:
+        if rows is not None:  # rows are whatever the caller asked for: no prefix, no padding mask
+            return EncoderOutput(last, tuple(hidden), self._pool(hidden[-2], attention), None, 0)
+        return EncoderOutput(last, tuple(hidden), self._pool(last, attention), attention, self.num_prefix_tokens)
 
     @property
     def mask_token(self) -> nn.Parameter | None:
@@ -198,9 +219,10 @@ class ViTEncoder(Encoder):
                              f"got {x.shape[-2]}×{x.shape[-1]}")
         return x
 
-    def forward(self, inputs, *, keep=None, mask=None) -> EncoderOutput:
-        """inputs [B, C, H, W]; keep [B, n_keep] patch indices; mask [B, N] bool. Output length
-        L = 1 + N, or 1 + n_keep with ``keep``."""
+    def forward(self, inputs, *, keep=None, mask=None, rows=None) -> EncoderOutput:
+        """inputs [B, C, H, W]; keep [B, n_keep] patch indices; mask [B, N] bool; rows [B, S] indices
+        into the sequence ([CLS] is row 0, patch n row 1 + n; after ``keep``, its order). Output
+        length L = 1 + N, 1 + n_keep with ``keep``, S with ``rows``."""
         m = self.model
         emb = m.embeddings
         x = self.prepare(inputs).to(emb.patch_embeddings.projection.weight.dtype)
@@ -214,11 +236,10 @@ class ViTEncoder(Encoder):
         cls = (emb.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
         h = emb.dropout(torch.cat([cls, x], dim=1))
         hidden = [h]
-        for layer in m.layers:  # the stock layers; no attention mask: every sequence is full
-            h = layer(h, None)
+        for i, layer in enumerate(m.layers):  # the stock layers; no attention mask: every sequence is full
+            h = layer(h, None) if rows is None or i < len(m.layers) - 1 else vit_layer_at(layer, h, rows)
             hidden.append(h)
-        last = m.layernorm(h)
-        return EncoderOutput(last, tuple(hidden), self._pool(last), None, self.num_prefix_tokens)
+        return self._output(m.layernorm(h), hidden, rows)
 
     @property
     def mask_token(self) -> nn.Parameter:
@@ -274,17 +295,29 @@ class BertEncoder(Encoder):
         self.tokenizer = tokenizer
         self.register_buffer("special_ids", torch.tensor(sorted(tokenizer.all_special_ids)), persistent=False)
 
-    def forward(self, inputs, *, keep=None, mask=None) -> EncoderOutput:
-        """inputs {"input_ids", "attention_mask"} [B, L]; mask [B, L] bool: those ids become [MASK]."""
+    def forward(self, inputs, *, keep=None, mask=None, rows=None) -> EncoderOutput:
+        """inputs {"input_ids", "attention_mask"} [B, L]; mask [B, L] bool: those ids become [MASK];
+        rows [B, S] token indices where the last layer is evaluated."""
+        from transformers.masking_utils import create_bidirectional_mask
+
         if keep is not None:
             raise NotImplementedError("text encoders run on whole sequences: drop tokens (keep=) is for "
                                       "patch encoders; mask them instead (mask=)")
         ids, attention = inputs["input_ids"], inputs.get("attention_mask")
         if mask is not None:
             ids = ids.masked_fill(mask, self.mask_token_id)
-        out = self.model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
-        last = out.last_hidden_state
-        return EncoderOutput(last, tuple(out.hidden_states), self._pool(last, attention), attention, 0)
+        m = self.model
+        h = m.embeddings(input_ids=ids)
+        # the stock model's own attention mask for its attention implementation (None: no padding)
+        bias = create_bidirectional_mask(config=m.config, inputs_embeds=h, attention_mask=attention)
+        hidden, layers = [h], m.encoder.layer
+        for i, layer in enumerate(layers):
+            if rows is None or i < len(layers) - 1:
+                h = layer(h, bias)
+            else:  # a padding mask is the same for every query: its first query row serves all
+                h = bert_layer_at(layer, h, rows, None if bias is None else bias[:, :, :1])
+            hidden.append(h)
+        return self._output(h, hidden, rows, attention)
 
     def model_inputs(self, inputs) -> dict:
         return {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
@@ -297,3 +330,60 @@ class BertEncoder(Encoder):
         ids = inputs["input_ids"]
         real = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(ids, dtype=torch.bool)
         return real & ~torch.isin(ids, self.special_ids)
+
+
+# ---------------------------------------------------------------- one layer at selected rows
+#
+# The stock layers' own computation, written out so that queries and everything after attention
+# run on ``rows`` only while keys and values cover the whole sequence. They read the stock
+# submodules (``tests/test_encoders.py`` pins them to the stock layer's output).
+
+
+def take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D], rows [B, S] → [B, S, D]."""
+    return torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, dropout: float, scale: float,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head SDPA: q [B, S, D], k and v [B, L, D] → [B, S, D]."""
+    def split(x):
+        return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask,
+                                                           dropout_p=dropout, scale=scale)
+    return out.transpose(1, 2).reshape(q.shape)
+
+
+def vit_layer_at(layer, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """transformers ``ViTLayer`` (pre-norm) with its outputs at ``rows`` only: h [B, L, D] → [B, S, D]."""
+    att = layer.attention
+    x = layer.layernorm_before(h)
+    a = attend(att.q_proj(take(x, rows)), att.k_proj(x), att.v_proj(x), att.num_attention_heads,
+               att.attention_dropout if att.training else 0.0, att.scaling)
+    h = layer.dropout(att.o_proj(a)) + take(h, rows)
+    return layer.dropout(layer.mlp(layer.layernorm_after(h))) + h
+
+
+def bert_layer_at(layer, h: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """transformers ``BertLayer`` (post-norm) with its outputs at ``rows`` only: h [B, L, D] →
+    [B, S, D]; ``mask`` is the stock attention mask for one query row, [B, 1, 1, L]."""
+    sa = layer.attention.self
+    q = take(h, rows)
+    a = attend(sa.query(q), sa.key(h), sa.value(h), sa.num_attention_heads, sa.dropout.p if sa.training else 0.0,
+               sa.scaling, mask)
+    a = layer.attention.output(a, q)
+    return layer.output(layer.intermediate(a), a)
+
+
+def rows_of(mask: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, N] bool → (rows [B, S], valid [B, S]) for ``forward(rows=)``: each sample's True positions
+    in ascending order plus ``offset`` (the prefix tokens), padded to the largest count (at least
+    1) with row ``offset``; ``valid`` marks the real ones, so ``last_hidden_state[valid]`` lists the
+    states in the order of ``mask.nonzero()``."""
+    counts = mask.sum(1)
+    size = max(1, int(counts.max())) if mask.numel() else 1
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :size]  # True positions first
+    valid = torch.arange(size, device=mask.device) < counts.unsqueeze(1)
+    return torch.where(valid, order, 0) + offset, valid
+

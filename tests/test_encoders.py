@@ -13,7 +13,7 @@ from transformers import AutoModel
 
 from pipeline import registry
 from pipeline.config import ConfigError, build
-from pipeline.encoder import PRESETS, EncoderConfig, ViTEncoder
+from pipeline.encoder import PRESETS, EncoderConfig, ViTEncoder, rows_of, take
 from pipeline.shards import write_shards
 from pipeline.stage import Context
 from stages import tokenize
@@ -140,6 +140,43 @@ def test_mask_token_forward(case):
     else:
         stock = enc.model(**{**inputs, "input_ids": inputs["input_ids"].masked_fill(mask, enc.mask_token_id)})
     assert torch.allclose(stock.last_hidden_state, masked.last_hidden_state, atol=1e-6)
+
+
+def test_rows_evaluate_the_last_layer_where_asked(case):
+    """``rows=``: the states (and gradients) at the requested rows equal the full forward's there,
+    padded rows included; the layers below are untouched."""
+    modality, batch = case
+    enc = encoder(modality)
+    mask = random_mask(enc, batch)
+    rows, valid = rows_of(mask, enc.num_prefix_tokens)
+    assert valid.sum() == mask.sum() and rows.shape[1] == mask.sum(1).max()
+    g = torch.Generator().manual_seed(0)
+    weights = torch.randn(*rows.shape, enc.hidden_size, generator=g)
+    results = []
+    for kwargs in ({}, {"rows": rows}):
+        enc.zero_grad()
+        out = enc(batch, mask=mask, **kwargs)
+        picked = out.last_hidden_state if kwargs else take(out.last_hidden_state, rows)
+        (picked * weights).sum().backward()
+        results.append((out, picked, {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}))
+    (full, want, want_grads), (part, got, got_grads) = results
+    assert got.shape == (batch_size(batch), rows.shape[1], enc.hidden_size)
+    assert (got - want).abs().max() < 1e-5
+    assert torch.equal(got[valid], full.tokens[mask]) or (got[valid] - full.tokens[mask]).abs().max() < 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(full.hidden_states[:-1], part.hidden_states[:-1], strict=True))
+    assert (part.hidden_states[-1] - take(full.hidden_states[-1], rows)).abs().max() < 1e-5
+    assert got_grads.keys() == want_grads.keys()
+    # fp32 rounding, relative to each parameter's largest gradient; the floor is for key biases,
+    # whose true gradient is exactly zero (softmax ignores a shift shared by all keys)
+    assert all(float((got_grads[n] - want).abs().max()) <= 1e-5 * float(want.abs().max()) + 1e-5
+               for n, want in want_grads.items())
+
+
+def test_embed_is_the_pooled_embedding(case):
+    modality, batch = case
+    for pooling in ("mean", "cls"):
+        enc = encoder(modality, CFG.model_copy(update={"pooling": pooling}))
+        assert (enc.embed(batch) - enc(batch).pooled).abs().max() < 1e-5, pooling
 
 
 def test_maskable_positions(case):

@@ -223,3 +223,32 @@ def test_data2vec_teacher_follows_the_student_by_ema(starter_tokenizer):
     assert torch.allclose(teacher, 0.9 * before + 0.1 * student)
     model.train()
     assert not obj.teacher.training  # the teacher's targets never see dropout
+
+
+def test_mae_decoder_runs_its_last_block_at_hidden_patches_only(starter_tokenizer):
+    """The shortcut changes no number: the last block at the hidden rows gives what the full block
+    gives there, and the loss equals the textbook one over the full decoder output."""
+    from pipeline.encoder import take
+
+    model = learner("mae", ("image",), starter_tokenizer)
+    mae, enc = model.objectives["mae"], model.encoders["image"]
+    batch = {**starter_batch(("image",), starter_tokenizer), "__step__": 0}
+    got = model(batch)["loss"]
+    order = mae.noise(batch, enc.num_patches).argsort(dim=1)
+    latent = enc(batch["image"], keep=order[:, : mae.num_keep]).last_hidden_state
+    h = mae.embed(latent)
+    hidden = torch.ones(order.shape, dtype=torch.bool).scatter_(1, order[:, : mae.num_keep], False)  # [B, N]
+    # the decoder's input in grid order: each kept latent at its patch, the mask token elsewhere
+    grid = mae.mask_token.expand(*order.shape, -1).clone()
+    grid = grid.scatter(1, order[:, : mae.num_keep, None].expand(-1, -1, h.shape[-1]), h[:, 1:])
+    full = torch.cat([h[:, :1], grid], dim=1) + mae.pos
+    for block in mae.blocks:
+        full = block(full)
+    pred = mae.head(mae.norm(full))[:, 1:]  # [B, N, P] every patch
+    target = enc.patchify(batch["image"])
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    want = ((pred - target).pow(2).mean(-1) * hidden).sum() / hidden.sum()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    rows = order[:, mae.num_keep:] + 1
+    x = torch.randn(4, 1 + enc.num_patches, mae.cfg.decoder_width)
+    assert torch.allclose(mae.blocks[0](x, rows[:4]), take(mae.blocks[0](x), rows[:4]), atol=1e-5)

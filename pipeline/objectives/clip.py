@@ -62,7 +62,7 @@ class Objective(Base):
 
     def features(self, batch: dict, m: str) -> torch.Tensor:
         """[B, E] L2-normalized projection of the pooled embedding of modality ``m``."""
-        return F.normalize(self.proj[m](self.encoders[m](batch[m]).pooled).float(), dim=-1)
+        return F.normalize(self.proj[m](self.encoders[m].embed(batch[m])).float(), dim=-1)
 
     def begin_step(self, micro_batches: list[dict]) -> None:
         self._cache, self._order = {}, []

@@ -4,9 +4,10 @@ The student encoder gets the input with masked positions replaced by the mask to
 learned vector, or [MASK] for text). The teacher is an exponential moving average of the student,
 run on the full input without gradient; its target at each position is the mean of its top-K
 layer outputs, each normalized over the positions of its sample (instance norm: per channel,
-padding excluded) or over channels (layer norm). The momentum rises linearly from ``ema_start`` to
-``ema_end`` over ``ema_steps`` and then stays: a pure function of the step. One file serves image,
-text and audio: the modality only decides the encoder.
+padding excluded) or over channels (layer norm). The student's last layer is evaluated at the
+masked positions only (``rows=``), the only ones the loss reads. The momentum rises linearly from
+``ema_start`` to ``ema_end`` over ``ema_steps`` and then stays: a pure function of the step. One
+file serves image, text and audio: the modality only decides the encoder.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from pipeline.encoder import rows_of
 from pipeline.objective import Objective as Base
 from pipeline.objective import ObjectiveConfig
 
@@ -99,8 +101,10 @@ class Objective(Base):
         enc = self.encoders[self.cfg.modality]
         mask = self.make_mask(batch, enc.maskable(x))  # [B, N]
         target, target_var = self.targets(x)
-        out = enc(x, mask=mask)
-        pred = self.head(out.tokens[mask]).float()  # [M, D], masked positions only
+        rows, valid = rows_of(mask, enc.num_prefix_tokens)
+        out = enc(x, mask=mask, rows=rows)
+        states = out.last_hidden_state  # [B, S, D] at the masked positions
+        pred = self.head(states[valid]).float()  # [M, D], in the order of target[mask]
         if self.cfg.loss_beta == 0:
             err = F.mse_loss(pred, target[mask], reduction="none").mean(-1)  # [M]
         else:

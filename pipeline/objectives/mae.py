@@ -4,7 +4,8 @@ Image pixels or audio log-mel patches (Audio-MAE) alike: anything whose encoder 
 encoder runs on the kept 25 % (``keep=``), which is where MAE's speed comes from; a light decoder
 sees the encoded patches plus a learned mask token at every hidden position and predicts the
 patch values, each patch normalized by its own mean and variance (``norm_pix_loss``). The loss is
-the mean squared error over hidden patches only.
+the mean squared error over hidden patches only, so the decoder's last block and its prediction
+head run at the hidden patches alone.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from pipeline.config import ConfigError
+from pipeline.encoder import take
 from pipeline.objective import Objective as Base
 from pipeline.objective import ObjectiveConfig
 
@@ -62,43 +64,41 @@ class Objective(Base):
     def forward(self, batch: dict) -> dict:
         x = batch[self.cfg.modality]
         enc = self.encoders[self.cfg.modality]
-        keep, restore = self.shuffle(batch, enc.num_patches)
+        order = self.noise(batch, enc.num_patches).argsort(dim=1)  # ascending noise: the first n_keep are kept
+        keep, hidden = order[:, : self.num_keep], order[:, self.num_keep:]
         out = enc(x, keep=keep)  # [B, 1 + n_keep, D]
-        pred = self.forward_decoder(out.last_hidden_state, restore)  # [B, N, p·p·C]
-        hidden = (restore >= self.num_keep).float()  # [B, N] 1 where the encoder did not look
-        return {"loss": self.forward_loss(enc.patchify(x), pred, hidden), "embeddings": {self.cfg.modality: out.pooled.detach()}}
+        pred = self.forward_decoder(out.last_hidden_state, order)  # [B, N - n_keep, p·p·C]
+        return {"loss": self.forward_loss(take(enc.patchify(x), hidden), pred),
+                "embeddings": {self.cfg.modality: out.pooled.detach()}}
 
-    def shuffle(self, batch: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """keep [B, n_keep]: patches the encoder sees; restore [B, N]: rank of each patch in the
-        shuffled order (patch j was kept iff restore[:, j] < n_keep)."""
-        order = self.noise(batch, n).argsort(dim=1)  # ascending noise: the first n_keep are kept
-        return order[:, : self.num_keep], order.argsort(dim=1)
-
-    def forward_decoder(self, latent: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
-        """latent [B, 1 + n_keep, D] → predicted patch values [B, N, p·p·C] in grid order."""
+    def forward_decoder(self, latent: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """latent [B, 1 + n_keep, D], order [B, N] (kept patches, then hidden ones) → predicted values
+        [B, N - n_keep, p·p·C] of the hidden patches ``order[:, n_keep:]``."""
         h = self.embed(latent)  # [B, 1 + n_keep, W]
-        b, n = restore.shape
+        b, n = order.shape
         filled = torch.cat([h[:, 1:], self.mask_token.expand(b, n - self.num_keep, -1)], dim=1)  # shuffled order
+        restore = order.argsort(dim=1)  # rank of each grid patch in the shuffled order
         filled = torch.gather(filled, 1, restore.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # grid order
         h = torch.cat([h[:, :1], filled], dim=1) + self.pos
-        for block in self.blocks:
-            h = block(h)
-        return self.head(self.norm(h))[:, 1:]
+        rows = order[:, self.num_keep:] + 1  # the hidden patches' rows, after [CLS]
+        for i, block in enumerate(self.blocks):
+            h = block(h, rows if i == len(self.blocks) - 1 else None)
+        return self.head(self.norm(h))
 
-    def forward_loss(self, target: torch.Tensor, pred: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """target, pred [B, N, P]; hidden [B, N] → mean squared error over hidden patches."""
+    def forward_loss(self, target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """target, pred [B, M, P] at the hidden patches → mean squared error."""
         if self.cfg.norm_pix_loss:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
-        per_patch = (pred.float() - target.float()).pow(2).mean(-1)  # [B, N]
-        return (per_patch * hidden).sum() / hidden.sum()
+        return (pred.float() - target.float()).pow(2).mean()
 
 
 
 class DecoderBlock(nn.Module):
     """A pre-norm transformer block, batch-first, with one packed QKV projection and SDPA (written
     out rather than ``nn.TransformerEncoderLayer``, whose attention works sequence-first and copies
-    q, k, v between layouts in training: ~8 % of the decoder's time). h [B, L, W] → [B, L, W]."""
+    q, k, v between layouts in training: ~8 % of the decoder's time). h [B, L, W] → [B, L, W], or
+    [B, S, W] at ``rows`` [B, S] only (keys and values still cover the whole sequence)."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -107,8 +107,11 @@ class DecoderBlock(nn.Module):
         self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.fc1, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         b, n, w = h.shape
         q, k, v = self.qkv(self.norm1(h)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # 3 × [B, H, L, W/H]
-        h = h + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, w))
+        if rows is not None:
+            q = torch.gather(q, 2, rows[:, None, :, None].expand(-1, self.heads, -1, q.shape[-1]))
+            h = take(h, rows)
+        h = h + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, w))
         return h + self.fc2(F.gelu(self.fc1(self.norm2(h))))

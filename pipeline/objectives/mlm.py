@@ -4,7 +4,9 @@ Masking is transformers' ``DataCollatorForLanguageModeling`` (15 % of the real, 
 tokens; of those 80 % become [MASK], 10 % a random token, 10 % stay), run per sample with that
 sample's generator (``Objective.noise``). The prediction head is BERT's (dense + GELU + LayerNorm)
 with the output projection tied to the encoder's input embeddings, so it adds no vocabulary-sized
-matrix; logits are computed at the masked positions only, not over the whole sequence.
+matrix. Only the selected positions are computed past the attention of the last layer: the
+encoder's last layer runs its queries and MLP there alone (``rows=``), and logits are computed there
+alone, not over the whole sequence.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from pipeline.config import ConfigError
+from pipeline.encoder import rows_of
 from pipeline.objective import Objective as Base
 from pipeline.objective import ObjectiveConfig
 
@@ -69,9 +72,11 @@ class Objective(Base):
         inputs = batch[self.cfg.modality]
         enc = self.encoders[self.cfg.modality]
         ids, labels = self.mask(batch)
-        out = enc({**inputs, "input_ids": ids})
         selected = labels != -100  # [B, L]
-        h = self.transform(out.last_hidden_state[selected])  # [M, D]
+        rows, valid = rows_of(selected)
+        out = enc({**inputs, "input_ids": ids}, rows=rows)
+        states = out.last_hidden_state  # [B, S, D]
+        h = self.transform(states[valid])  # [M, D], in the order of labels[selected]
         logits = F.linear(h, enc.model.embeddings.word_embeddings.weight, self.bias)  # [M, V], tied
         target = labels[selected]
         count = max(1, int(target.numel()))  # a batch may, rarely, select nothing: loss 0, not NaN
