@@ -13,8 +13,9 @@ Pairs, at the same widths, depths, heads, MLP, patch grid, vocabulary and sequen
 - ``mlm``: ours (``mlm.py`` on the text ``BertEncoder``) vs ``BertForMaskedLM`` with
   ``DataCollatorForLanguageModeling.torch_mask_tokens`` masking (special-token mask precomputed
   vectorised, as a tokenizer's ``return_special_tokens_mask`` would hand it over);
-- ``clip``: ours (``clip.py`` on image + text encoders) vs ``open_clip.CLIP`` built from a config
-  dict + ``open_clip.loss.ClipLoss``;
+- ``clip``: ours (``clip.py`` on image + text encoders, ``pooling: cls``) vs ``open_clip.CLIP``
+  built from a config dict + ``open_clip.loss.ClipLoss``; both pool one token per tower (open_clip:
+  the ViT's class token and the text's end token);
 - ``data2vec-image`` / ``data2vec-text``: ours (``data2vec.py``) vs a student/teacher pair of
   ``Data2VecVisionModel`` / ``Data2VecTextModel``: EMA teacher, targets = mean of the top-K
   instance-normed layers at masked positions, linear regression head, EMA update after the step.
@@ -151,9 +152,13 @@ class Side:
 # ---------------------------------------------------------------- ours
 
 
-def encoder_config(dims: dict) -> EncoderConfig:
+def encoder_config(dims: dict, pooling: str = "mean") -> EncoderConfig:
     return EncoderConfig(hidden_size=dims["width"], num_layers=dims["layers"], num_heads=dims["heads"],
-                         patch_size=dims["patch"])
+                         patch_size=dims["patch"], pooling=pooling)
+
+
+#: CLIP towers pool one token each, as open_clip's do ([CLS] of the ViT, one token of the text)
+POOLING = {"clip": "cls"}
 
 
 def ours(name: str, dims: dict, tok_dir: str, batch: dict, steps_total: int) -> Side:
@@ -168,7 +173,8 @@ def ours(name: str, dims: dict, tok_dir: str, batch: dict, steps_total: int) -> 
     cfgs = {"image": ImageConfig(size=dims["image"], channels=3),
             "text": TextConfig(tokenizer=tok_dir, max_length=dims["seq"])}
     needed = settings.get("modalities") or [settings["modality"]]
-    encoders = {m: registry.modality(m)(cfgs[m]).encoder(encoder_config(dims)) for m in needed}
+    enc_cfg = encoder_config(dims, POOLING.get(name, "mean"))
+    encoders = {m: registry.modality(m)(cfgs[m]).encoder(enc_cfg) for m in needed}
     module = registry.module("objective", kind)
     obj = module.Objective(module.Config(**settings), encoders, kind, seed=0)
     learner = Learner(encoders, {kind: obj})
