@@ -186,8 +186,11 @@ def test_accumulation_equals_one_big_batch(objective, modalities, starter_tokeni
     got = grads(model)
     assert abs(total - big.item()) < 1e-5
     assert expected.keys() == got.keys()
-    for name in expected:
-        assert torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-6), name
+    for name, want in expected.items():
+        # fp32 summation order differs between the two; an element that is a small difference of
+        # large terms (a LayerNorm bias summed over batch and positions) carries that rounding at
+        # the scale of the parameter's larger gradients, so the bound is relative to those
+        assert float((got[name] - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-6, name
 
 
 def test_clip_without_the_cache_sees_only_its_micro_batch(starter_tokenizer):
