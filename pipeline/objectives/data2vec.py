@@ -100,8 +100,9 @@ class Objective(Base):
         x = batch[self.cfg.modality]
         enc = self.encoders[self.cfg.modality]
         mask = self.make_mask(batch, enc.maskable(x))  # [B, N]
-        target, target_var = self.targets(x)
+        # before the teacher: sizing the rows waits for the mask only, not for the teacher's forward
         rows, valid = rows_of(mask, enc.num_prefix_tokens)
+        target, target_var = self.targets(x)
         out = enc(x, mask=mask, rows=rows)
         states = out.last_hidden_state  # [B, S, D] at the masked positions
         pred = self.head(states[valid]).float()  # [M, D], in the order of target[mask]
