@@ -18,9 +18,9 @@ from torch import nn
 
 from pipeline.trainer import OptimConfig, param_groups
 
-#: settings both sides share: MAE's mask and decoder, data2vec's mask ratio per modality and momentum
+#: settings both sides share: MAE's mask ratio and decoder
 MAE = {"mask_ratio": 0.75, "decoder_width": 128, "decoder_layers": 2, "decoder_heads": 4}
-#: data2vec defaults of ours, which the peer copies: mask ratio per modality and top-K layers
+#: our data2vec defaults, which the peers copy: mask ratio per modality, EMA momentum
 D2V_MASK = {"image": 0.6, "text": 0.15}
 EMA = 0.999
 
