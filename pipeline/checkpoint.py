@@ -1,9 +1,10 @@
 """Checkpoints that carry everything needed to continue exactly, written atomically.
 
 ``<dir>/step_00000100/`` holds ``model.safetensors`` (every weight of the learner, EMA teachers
-included), ``optimizer.safetensors`` (the optimizer's tensors) and ``state.json`` (step, the rest of
-the optimizer state, learning-rate scale, each process's data position and RNG states, the resolved
-config). A checkpoint is assembled in a temporary directory and renamed into place, so a process
+included), ``optimizer.safetensors`` (the optimizer's tensors, ``<parameter name>.<exp_avg|…>``)
+and ``state.json`` (step, the rest of the optimizer state, learning-rate scale, each process's data
+position and RNG states, the resolved config). Both hold whole tensors, whatever the sharding
+(``gather`` / ``scatter``), so a run may resume on another number of processes. A checkpoint is assembled in a temporary directory and renamed into place, so a process
 killed at any moment leaves either the previous checkpoint or the new one, never half of one.
 """
 
@@ -69,9 +70,30 @@ def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
 def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     state: dict[int, dict] = {}
     for flat, value in [*tensors.items(), *rest["scalars"].items()]:
-        idx, name = flat.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        param, name = flat.rsplit(".", 1)  # parameter name, state name (exp_avg, step …)
+        state.setdefault(param, {})[name] = value
     return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def gather(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(weights, optimizer state_dict) of the whole model, keyed by parameter name, in host memory:
+    gathered from every process's shard under FSDP, without DDP's ``module.`` prefix. A collective
+    when several processes run; with cpu offload only process 0 receives them (others: empty)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_available() and dist.is_initialized())
+    return get_state_dict(model, optimizer, options=options)
+
+
+def scatter(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+            optimizer_state: dict) -> None:
+    """Load what ``gather`` produced into ``model`` and ``optimizer``; each process hands over the
+    whole state and keeps its part (its shard under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def rng_state() -> dict:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, ConfigError
+from pipeline.sharding import call_as
 
 #: width, depth, heads per preset; the MLP is ``mlp_ratio`` × width and patches are 16 unless set
 PRESETS = {
@@ -131,6 +132,11 @@ class Encoder(nn.Module):
         if rows is not None:  # rows are whatever the caller asked for: no prefix, no padding mask
             return EncoderOutput(last, tuple(hidden), self._pool(hidden[-2], attention), None, 0)
         return EncoderOutput(last, tuple(hidden), self._pool(last, attention), attention, self.num_prefix_tokens)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The stock transformer layers, in order (the units FSDP shards)."""
+        raise NotImplementedError
 
     @property
     def mask_token(self) -> nn.Parameter | None:
@@ -236,10 +242,14 @@ class ViTEncoder(Encoder):
         cls = (emb.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
         h = emb.dropout(torch.cat([cls, x], dim=1))
         hidden = [h]
-        for i, layer in enumerate(m.layers):  # the stock layers; no attention mask: every sequence is full
-            h = layer(h, None) if rows is None or i < len(m.layers) - 1 else vit_layer_at(layer, h, rows)
+        for i, layer in enumerate(self.layers):  # the stock layers; no attention mask: every sequence is full
+            h = layer(h, None) if rows is None or i < len(self.layers) - 1 else call_as(layer, vit_layer_at, h, rows)
             hidden.append(h)
         return self._output(m.layernorm(h), hidden, rows)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
 
     @property
     def mask_token(self) -> nn.Parameter:
@@ -310,14 +320,18 @@ class BertEncoder(Encoder):
         h = m.embeddings(input_ids=ids)
         # the stock model's own attention mask for its attention implementation (None: no padding)
         bias = create_bidirectional_mask(config=m.config, inputs_embeds=h, attention_mask=attention)
-        hidden, layers = [h], m.encoder.layer
+        hidden, layers = [h], self.layers
         for i, layer in enumerate(layers):
             if rows is None or i < len(layers) - 1:
                 h = layer(h, bias)
             else:  # a padding mask is the same for every query: its first query row serves all
-                h = bert_layer_at(layer, h, rows, None if bias is None else bias[:, :, :1])
+                h = call_as(layer, bert_layer_at, h, rows, None if bias is None else bias[:, :, :1])
             hidden.append(h)
         return self._output(h, hidden, rows, attention)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.encoder.layer
 
     def model_inputs(self, inputs) -> dict:
         return {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
@@ -336,7 +350,9 @@ class BertEncoder(Encoder):
 #
 # The stock layers' own computation, written out so that queries and everything after attention
 # run on ``rows`` only while keys and values cover the whole sequence. They read the stock
-# submodules (``tests/test_encoders.py`` pins them to the stock layer's output).
+# submodules (``tests/test_encoders.py`` pins them to the stock layer's output) and run through
+# ``sharding.call_as``, so that a layer sharded by FSDP gathers its weights for them as for its forward.
+
 
 
 def take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,14 @@ class Learner(nn.Module):
             if token is not None:  # trained only if some objective puts it in
                 token.requires_grad_(any(o.uses_mask_token and m in o.modalities for o in objectives.values()))
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """Class names of the transformer layers (encoders' and objectives' ``blocks``): the units
+        Accelerate's FSDP ``TRANSFORMER_BASED_WRAP`` shards when its config names no classes."""
+        layers = [*(layer for enc in self.encoders.values() for layer in enc.layers),
+                  *(block for obj in self.objectives.values() for block in getattr(obj, "blocks", ()))]
+        return sorted({type(layer).__name__ for layer in layers})
+
     def forward(self, batch: dict) -> dict:
         total, metrics, embeddings = None, {}, {}
         for name, obj in self.objectives.items():

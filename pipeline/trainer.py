@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from pipeline import checkpoint
+from pipeline import checkpoint, sharding
 from pipeline.config import Config
 from pipeline.data import to_device
 from pipeline.health import HealthConfig, HealthError, Monitor, embedding_stats
@@ -92,7 +92,7 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
     model, opt = accelerator.prepare(learner, opt)
     run = {"step": 0, "lr_scale": 1.0, "rollbacks": 0}
     if (last := checkpoint.latest(ckpt_dir)) is not None:
-        run = restore(last, learner, opt, loader, accelerator)
+        run = restore(last, model, opt, loader, accelerator)
         log.info("resumed from %s", last)
     elif cfg.health.action == "rollback":  # something to roll back to before the first checkpoint
         save(ckpt_dir, run, model, opt, loader, accelerator, cfg, resolved)
@@ -109,7 +109,9 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
         for group in opt.param_groups:
             group["lr"] = lr
         micro = [{**to_device(next(batches), accelerator.device), "__step__": step} for _ in range(k)]
-        learner.begin_step(micro)  # objectives that couple micro-batches (CLIP) embed them all first
+        # objectives that couple micro-batches (CLIP) embed them all first (as a call of the
+        # model: under FSDP, weights are gathered only around calls)
+        sharding.call_as(learner, type(learner).begin_step, micro)
         sums: dict[str, torch.Tensor] = {}
         check = (step + 1) % cfg.health.every == 0
         for i, mb in enumerate(micro):
@@ -122,13 +124,14 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
                 sums[key] = sums.get(key, 0) + v.float() / k
             seen += len(mb["__key__"])
         if cfg.optim.grad_clip is not None:
-            sums["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip).detach().float()
+            norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            sums["grad_norm"] = sharding.full(norm).detach().float()
         # one host sync per step: the health check must see the loss before the step applies it,
         # and every process must decide alike
         step_metrics = _mean_over_processes(sums, accelerator)
         problem = monitor.check(step_metrics)
         if problem is not None:
-            run, batches = _unhealthy(problem, step + 1, run, cfg, ckpt_dir, learner, opt, loader, accelerator, batches)
+            run, batches = _unhealthy(problem, step + 1, run, cfg, ckpt_dir, model, opt, loader, accelerator, batches)
             bar.n = run["step"]
             continue
         opt.step()
@@ -149,7 +152,7 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
     return {"step": run["step"], "rollbacks": run["rollbacks"], **{key: _short(v) for key, v in metrics.items()}}
 
 
-def _unhealthy(problem, step, run, cfg, ckpt_dir, learner, opt, loader, accelerator, batches):
+def _unhealthy(problem, step, run, cfg, ckpt_dir, model, opt, loader, accelerator, batches):
     """Apply the configured action to an unhealthy step (its gradients are never applied)."""
     opt.zero_grad(set_to_none=True)
     action = cfg.health.action
@@ -167,34 +170,35 @@ def _unhealthy(problem, step, run, cfg, ckpt_dir, learner, opt, loader, accelera
     log.warning("step %d: %s; rolling back to %s with learning rate × %.3g", step, problem, last.name, factor)
     batches.close()  # its workers stop; the data position comes back from the checkpoint
     rollbacks = run["rollbacks"] + 1
-    run = restore(last, learner, opt, loader, accelerator)
+    run = restore(last, model, opt, loader, accelerator)
     run.update(lr_scale=factor, rollbacks=rollbacks)
     return run, iter(loader)
 
 
 def save(ckpt_dir: Path, run: dict, model, opt, loader, accelerator, cfg: TrainerConfig, resolved) -> None:
-    """Checkpoint the current step: every process contributes its data position and RNG state,
-    the main process writes. Weights holding NaN/inf are never written. ``model`` is the prepared
-    learner (Accelerate gathers its full state dict under FSDP)."""
+    """Checkpoint the current step: every process contributes its data position and RNG state, and
+    its part of the weights and optimizer state under FSDP; the main process writes. Weights holding
+    NaN/inf are never written. ``model`` is the prepared learner."""
     from accelerate.utils import gather_object
 
-    per_rank = gather_object([{"data": loader.state_dict(), "rng": checkpoint.rng_state()}])
-    weights = accelerator.get_state_dict(model)  # on every process: a collective under FSDP
-    bad = checkpoint.nonfinite(weights or {})  # the weights are replicated: every process stops alike
+    # every process checks what it holds (its shard under FSDP) and every process stops alike
+    local = {k: sharding.shard(v) for k, v in accelerator.unwrap_model(model).state_dict().items()}
+    bad = next((b for b in gather_object([checkpoint.nonfinite(local)]) if b is not None), None)
     if bad is not None:
         raise HealthError(f"step {run['step']}: weight {bad} is not finite; checkpoint not written")
+    per_rank = gather_object([{"data": loader.state_dict(), "rng": checkpoint.rng_state()}])
+    weights, optimizer = checkpoint.gather(model, opt.optimizer)
     if accelerator.is_main_process:
         state = {**run, "data": [r["data"] for r in per_rank], "rng": [r["rng"] for r in per_rank],
                  "world_size": accelerator.num_processes, "config": resolved or {}}
-        checkpoint.save(ckpt_dir, run["step"], weights, opt.optimizer.state_dict(), state, cfg.keep_checkpoints)
+        checkpoint.save(ckpt_dir, run["step"], weights, optimizer, state, cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
 
 
-def restore(path: Path, learner, opt, loader, accelerator) -> dict:
-    """Load checkpoint ``path`` into the learner, optimizer, loader and RNG; returns the run state."""
+def restore(path: Path, model, opt, loader, accelerator) -> dict:
+    """Load checkpoint ``path`` into the (prepared) model, optimizer, loader and RNG; returns the run state."""
     weights, optimizer, state = checkpoint.load(path)
-    learner.load_state_dict(weights)
-    opt.optimizer.load_state_dict(optimizer)
+    checkpoint.scatter(model, opt.optimizer, weights, optimizer)
     loader.load_state_dict(state["data"])
     if state.get("world_size") == accelerator.num_processes:  # elastic resume keeps fresh generators
         checkpoint.set_rng_state(state["rng"][accelerator.process_index])

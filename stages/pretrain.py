@@ -12,6 +12,7 @@ the end, ``encoders/<modality>/``: stock transformers models (+ tokenizer for te
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -89,14 +90,23 @@ def run(cfg: Config, ctx: Context) -> dict:
                              rank=accelerator.process_index, world_size=accelerator.num_processes, base_dir=ctx.base_dir)
     resolved = cfg.model_dump(mode="json")
     summary = train(learner, loader, cfg, ctx.out_dir, accelerator, resolved, progress=ctx.progress)
-    if accelerator.is_main_process:
-        for m, enc in encoders.items():
-            enc.save_pretrained(ctx.out_dir / "encoders" / m)
-            if getattr(enc, "tokenizer", None) is not None:
-                enc.tokenizer.save_pretrained(str(ctx.out_dir / "encoders" / m))
-    accelerator.wait_for_everyone()
+    export(learner, ctx.out_dir / "encoders", accelerator)
     ctx.log.info("trained %d steps; encoders in %s", summary["step"], ctx.out_dir / "encoders")
     return summary
+
+
+def export(learner, out: Path, accelerator) -> None:
+    """Each encoder of ``learner`` as a stock transformers model (+ tokenizer) in ``out/<modality>``.
+    The weights come from the learner's whole state dict, which Accelerate gathers from every
+    process's shard under FSDP (a collective: every process calls this), then process 0 writes."""
+    weights = accelerator.get_state_dict(learner)
+    if accelerator.is_main_process:
+        for m, enc in learner.encoders.items():
+            prefix = f"encoders.{m}.model."
+            enc.save_pretrained(out / m, state_dict={k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+            if getattr(enc, "tokenizer", None) is not None:
+                enc.tokenizer.save_pretrained(str(out / m))
+    accelerator.wait_for_everyone()
 
 
 def _modalities(ocfg) -> list[str]:

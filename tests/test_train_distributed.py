@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from conftest import REPO, launch_two, ranks_keys
-from test_objectives import learner, starter_batch
+from test_objectives import learner, split, starter_batch
 
 CASES = {"clip-image-text": ("clip", ("image", "text")), "mae-image": ("mae", ("image",)),
          "data2vec-audio": ("data2vec", ("audio",))}
@@ -54,3 +54,74 @@ def test_a_recipe_runs_on_two_processes(tmp_path):
     assert len(keys[0]) == len(keys[1]) == 4 * 2 * 8 and not set(keys[0]) & set(keys[1])
     assert json.loads((out / "done.json").read_text())["summary"]["step"] == 4
     assert (out / "encoders" / "text" / "tokenizer.json").is_file() and (out / "encoders" / "image" / "config.json").is_file()
+
+
+#: FSDP cases: the last layer at selected rows (data2vec: ViT, MLM: BERT), the EMA teacher (a
+#: momentum of 0.5, so that its update shows), CLIP's micro-batch cache (``begin_step``) contrasting
+#: across processes, MAE's decoder blocks
+EMA = {"ema_start": 0.5, "ema_end": 0.5}
+FSDP_CASES = {"mae-image": ("mae", ("image",), {}), "mlm-text": ("mlm", ("text",), {}),
+              "data2vec-image": ("data2vec", ("image",), EMA), "data2vec-text": ("data2vec", ("text",), EMA),
+              "clip-image-text": ("clip", ("image", "text"), {})}
+
+
+def test_fsdp_matches_one_process_with_the_whole_batch(starter_tokenizer, tmp_path):
+    """Two processes under Accelerate's FSDP2, two micro-batches each, against one process running
+    the four micro-batches: same loss, whole gradients, and whole weights after an optimizer step
+    and the EMA update."""
+    from _fsdp_worker import optimizer
+
+    batches = {case: (o, m, extra, {**starter_batch(m, starter_tokenizer), "__step__": 2})
+               for case, (o, m, extra) in FSDP_CASES.items()}
+    torch.save(batches, tmp_path / "batches.pt")
+    launch_two(str(REPO / "tests" / "_fsdp_worker.py"), "parity", "--batches", str(tmp_path / "batches.pt"),
+               "--tokenizer", starter_tokenizer, "--out", str(tmp_path / "fsdp.pt"))
+    fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    for case, (objective, modalities, extra, batch) in batches.items():
+        model = learner(objective, modalities, starter_tokenizer, **extra)
+        opt = optimizer(model)
+        micro = split(batch, 4)
+        model.begin_step(micro)
+        losses = []
+        for mb in micro:
+            loss = model(mb)["loss"]
+            (loss / len(micro)).backward()
+            losses.append(loss.item())
+        assert abs(fsdp[case]["loss"] - sum(losses) / len(losses)) < 1e-5, case
+        one = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert one.keys() == fsdp[case]["grads"].keys(), case
+        for name, g in one.items():
+            assert torch.allclose(fsdp[case]["grads"][name], g, rtol=1e-4, atol=1e-6), f"{case}: grad {name}"
+        opt.step()
+        model.after_step(1, 10)
+        weights = model.state_dict()
+        assert weights.keys() == fsdp[case]["weights"].keys(), case
+        for name, w in weights.items():
+            assert torch.allclose(fsdp[case]["weights"][name], w, rtol=1e-4, atol=1e-5), f"{case}: weight {name}"
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_resume_bitwise_and_export_stock_models(tmp_path):
+    """``trainer.train`` under FSDP2 writes whole weights and optimizer state gathered from the
+    shards; a run resumed from its step-2 checkpoint ends bit for bit where the straight run does,
+    and the exported encoder loads with ``AutoModel``."""
+    import shutil
+
+    from conftest import image_shards
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    shards = image_shards(tmp_path / "shards", n=64, per_shard=8)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch_two(str(REPO / "tests" / "_fsdp_worker.py"), "train", "--shards", str(shards), "--out", str(straight))
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    launch_two(str(REPO / "tests" / "_fsdp_worker.py"), "train", "--shards", str(shards), "--out", str(resumed))
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = (load_file(run / "checkpoints" / "step_00000004" / name) for run in (straight, resumed))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    weights = load_file(straight / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert any(k.endswith(".exp_avg") for k in load_file(straight / "checkpoints" / "step_00000004" / "optimizer.safetensors"))
+    model = AutoModel.from_pretrained(straight / "encoders" / "image")
+    exported = {k: v for k, v in model.state_dict().items() if not k.startswith("pooler.")}
+    assert exported and all(torch.equal(v, weights[f"encoders.image.model.{k}"]) for k, v in exported.items())

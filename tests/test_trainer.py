@@ -115,7 +115,9 @@ def test_sigkill_then_resume_is_bitwise_identical(data, tmp_path):
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):
     w = {"a": torch.ones(3)}
-    opt = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    # optimizer state keyed by parameter name, as ``checkpoint.gather`` hands it over
+    opt = {"state": {"enc.a": {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3)}},
+           "param_groups": [{"lr": 0.1, "params": ["enc.a"]}]}
     for step in (1, 2, 3):
         checkpoint.save(tmp_path, step, w, opt, {"data": []}, keep=2)
     (tmp_path / ".step_00000004.tmp-1").mkdir()  # a writer killed mid-way leaves only this behind
@@ -123,7 +125,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert checkpoint.latest(tmp_path).name == "step_00000003"
     weights, optimizer, state = checkpoint.load(tmp_path / "step_00000003")
     assert torch.equal(weights["a"], w["a"]) and state["step"] == 3
-    assert torch.equal(optimizer["state"][0]["exp_avg"], torch.zeros(3)) and optimizer["param_groups"][0]["lr"] == 0.1
+    assert torch.equal(optimizer["state"]["enc.a"]["exp_avg"], torch.zeros(3)) and optimizer["param_groups"][0]["lr"] == 0.1
 
 
 def test_a_checkpoint_holding_nan_is_never_written(data, tmp_path):

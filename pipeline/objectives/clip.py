@@ -52,7 +52,8 @@ class Objective(Base):
         self.proj = nn.ModuleDict({m: nn.Linear(encoders[m].hidden_size, dim, bias=False) for m in cfg.modalities})
         for p in self.proj.values():
             nn.init.normal_(p.weight, std=p.in_features ** -0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        # shape [1], not a scalar: FSDP shards only parameters with at least one dimension
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.init_temperature)))
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}  # micro-batch keys → features without grad
         self._order: list[tuple] = []
 
@@ -75,7 +76,7 @@ class Objective(Base):
     def forward(self, batch: dict) -> dict:
         a, b = self.modalities
         live = {m: self.features(batch, m) for m in self.modalities}
-        scale = self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+        scale = self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale).squeeze(0)
         key, k = _batch_id(batch), len(self._order)
         if key in self._cache:
             i = self._order.index(key)
