@@ -1,9 +1,11 @@
-"""Run by ``accelerate launch`` from tests/test_train_distributed.py: one of two CPU processes
-training under Accelerate's FSDP2 (every transformer layer its own sharded unit).
+"""Run by ``accelerate launch`` from tests/test_train_distributed.py, with the FSDP settings of
+``accelerate_config.yaml``: one of two CPU processes training under Accelerate's FSDP2 (every
+transformer layer its own sharded unit).
 
-Accelerate turns FSDP on only for GPU-like device types; on CPU processes it starts as MULTI_CPU.
-``fsdp_accelerator`` sets the distributed type after construction, and the rest is Accelerate's own
-FSDP2 code: ``prepare`` (``fully_shard`` per layer and at the root, the optimizer moved onto the
+Accelerate turns FSDP on only for GPU-like device types; on CPU processes it starts as MULTI_CPU
+even when launched with ``distributed_type: FSDP``. ``fsdp_accelerator`` sets the distributed type
+after construction, and the rest is Accelerate's own FSDP2 code, with the plugin the launch's
+settings give: ``prepare`` (``fully_shard`` per layer and at the root, the optimizer moved onto the
 shards), ``no_sync``, ``clip_grad_norm_``, ``get_state_dict``.
 
     parity --batches F --tokenizer T --out O   one step of each case on this process's two
@@ -36,14 +38,16 @@ from pipeline.trainer import param_groups
 
 
 def fsdp_plugin() -> FullyShardedDataParallelPlugin:
-    """No class list: TRANSFORMER_BASED_WRAP takes the Learner's ``_no_split_modules``. The plugin
-    keeps the classes of the first model it prepares, so each learner here gets a fresh one."""
-    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                          state_dict_type="FULL_STATE_DICT")
+    """The launch's FSDP settings (its ``FSDP_*`` environment). With TRANSFORMER_BASED_WRAP and no
+    class list the plugin takes the first model's ``_no_split_modules`` and keeps them, so each
+    learner here gets a fresh one."""
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap is None, "not the FSDP2 launch settings"
+    return plugin
 
 
 def fsdp_accelerator() -> Accelerator:
-    acc = Accelerator(cpu=True, fsdp_plugin=fsdp_plugin())
+    acc = Accelerator(cpu=True)
     # the process state too: Accelerate copies it into the accelerator's state again in ``prepare``
     PartialState().distributed_type = acc.state.distributed_type = DistributedType.FSDP
     acc.state.fsdp_plugin = fsdp_plugin()

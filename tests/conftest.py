@@ -55,15 +55,16 @@ def starter_tokenizer(tmp_path_factory) -> str:
     return str(out)
 
 
-def launch_two(*args: str, cwd: Path | None = None) -> str:
+def launch_two(*args: str, cwd: Path | None = None, config: Path | None = None) -> str:
     """``accelerate launch`` of two real CPU processes (``--cpu`` alone would start only one) running
-    ``args`` (a script and its arguments, or ``-m module ...``); returns their stdout."""
+    ``args`` (a script and its arguments, or ``-m module ...``); returns their stdout. ``config``:
+    an Accelerate config file for two CPU processes to launch with instead of the flags."""
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), *args]
+    how = ["--config_file", str(config)] if config else [
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--main_process_port", str(port), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]

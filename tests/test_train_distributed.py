@@ -5,9 +5,11 @@ recipe running on two processes: one-process stages on process 0, the pretrain s
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, launch_two, ranks_keys
 from test_objectives import learner, split, starter_batch
 
@@ -65,6 +67,17 @@ FSDP_CASES = {"mae-image": ("mae", ("image",), {}), "mlm-text": ("mlm", ("text",
               "clip-image-text": ("clip", ("image", "text"), {})}
 
 
+def fsdp_config(out: Path) -> Path:
+    """``accelerate_config.yaml`` with its FSDP block uncommented, for two CPU processes."""
+    text = (REPO / "accelerate_config.yaml").read_text()
+    block = [ln[2:] for ln in text.splitlines() if ln.startswith(("# fsdp_config:", "#   fsdp_"))]
+    cfg = {**yaml.safe_load(text), **yaml.safe_load("\n".join(block)), "distributed_type": "FSDP",
+           "num_processes": 2, "use_cpu": True}
+    assert cfg["fsdp_config"]["fsdp_version"] == 2
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
 def test_fsdp_matches_one_process_with_the_whole_batch(starter_tokenizer, tmp_path):
     """Two processes under Accelerate's FSDP2, two micro-batches each, against one process running
     the four micro-batches: same loss, whole gradients, and whole weights after an optimizer step
@@ -75,7 +88,7 @@ def test_fsdp_matches_one_process_with_the_whole_batch(starter_tokenizer, tmp_pa
                for case, (o, m, extra) in FSDP_CASES.items()}
     torch.save(batches, tmp_path / "batches.pt")
     launch_two(str(REPO / "tests" / "_fsdp_worker.py"), "parity", "--batches", str(tmp_path / "batches.pt"),
-               "--tokenizer", starter_tokenizer, "--out", str(tmp_path / "fsdp.pt"))
+               "--tokenizer", starter_tokenizer, "--out", str(tmp_path / "fsdp.pt"), config=fsdp_config(tmp_path / "fsdp.yaml"))
     fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=True)
     for case, (objective, modalities, extra, batch) in batches.items():
         model = learner(objective, modalities, starter_tokenizer, **extra)
@@ -113,10 +126,13 @@ def test_fsdp_checkpoints_resume_bitwise_and_export_stock_models(tmp_path):
 
     shards = image_shards(tmp_path / "shards", n=64, per_shard=8)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    launch_two(str(REPO / "tests" / "_fsdp_worker.py"), "train", "--shards", str(shards), "--out", str(straight))
+    config = fsdp_config(tmp_path / "fsdp.yaml")
+    launch_two(str(REPO / "tests" / "_fsdp_worker.py"), "train", "--shards", str(shards), "--out", str(straight),
+               config=config)
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(straight / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
-    launch_two(str(REPO / "tests" / "_fsdp_worker.py"), "train", "--shards", str(shards), "--out", str(resumed))
+    launch_two(str(REPO / "tests" / "_fsdp_worker.py"), "train", "--shards", str(shards), "--out", str(resumed),
+               config=config)
     for name in ("model.safetensors", "optimizer.safetensors"):
         a, b = (load_file(run / "checkpoints" / "step_00000004" / name) for run in (straight, resumed))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
