@@ -71,6 +71,8 @@ def run(cfg: Config, ctx: Context) -> dict:
     # several objectives see different batches (a mixture), so some parameters sit out some steps
     ddp = DistributedDataParallelKwargs(find_unused_parameters=len(built) > 1)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    ctx.log.info("%d process(es), %s, precision %s, on %s", accelerator.num_processes,
+                 accelerator.distributed_type.value, accelerator.mixed_precision, accelerator.device.type)
     torch.manual_seed(ctx.seed)  # the same initial weights on every process and every run
 
     needed = sorted({m for module, ocfg in built.values() for m in _modalities(ocfg)})

@@ -114,6 +114,29 @@ def test_contract(objective, modalities, starter_tokenizer):
     assert min(losses[-5:]) < 0.9 * losses[0], f"loss did not fall: {losses[0]:.4f} → {losses[-5:]}"
 
 
+@pytest.mark.parametrize("objective, modalities", ALL, ids=[f"{o}-{'+'.join(m)}" for o, m in ALL])
+def test_bf16_autocast_matches_fp32(objective, modalities, starter_tokenizer):
+    """Under bf16 autocast (``mixed_precision: bf16``): the fp32 loss to bf16 precision, and fp32
+    gradients pointing where the fp32 ones do, for every trainable parameter."""
+    batch = {**starter_batch(modalities, starter_tokenizer), "__step__": 0}
+    model = learner(objective, modalities, starter_tokenizer)
+    ref = model(batch)["loss"]
+    ref.backward()
+    full = grads(model)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    assert out["loss"].dtype == torch.float32 and out["loss"].item() != ref.item()  # autocast took effect …
+    assert abs(out["loss"].item() - ref.item()) < 0.03 * abs(ref.item())  # … to bf16 precision
+    out["loss"].backward()
+    half = grads(model)
+    assert half.keys() == full.keys()
+    flat = {k: (half[k].flatten(), full[k].flatten()) for k in full}
+    assert all(h.dtype == torch.float32 and torch.isfinite(h).all() for h, _ in flat.values())
+    a, b = torch.cat([h for h, _ in flat.values()]), torch.cat([f for _, f in flat.values()])
+    assert F.cosine_similarity(a, b, dim=0) > 0.99
+
+
 @pytest.mark.parametrize("objective, modality", [("mae", "text"), ("mlm", "image"), ("mlm", "audio")])
 def test_objective_rejects_a_modality_it_cannot_train(objective, modality, starter_tokenizer):
     with pytest.raises(ConfigError, match=f"objectives.{objective}.modality"):

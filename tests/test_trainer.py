@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -111,6 +112,27 @@ def test_sigkill_then_resume_is_bitwise_identical(data, tmp_path):
     assert keys_a == keys_b and len(keys_a) == steps * 8
     per_epoch = [keys_b[i: i + 96] for i in range(0, len(keys_b) - 95, 96)]
     assert all(len(set(e)) == 96 for e in per_epoch)  # each epoch: every sample once
+
+
+@pytest.mark.slow
+def test_bf16_launch_trains_with_fp32_weights(data, tmp_path):
+    """``accelerate launch --mixed_precision bf16``: the stage runs under bf16 autocast (its log
+    says so), its losses stay finite and its checkpoint holds fp32 weights."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "r", "sources": {"imgs": {"shards": str(data), "modalities": ["image"]}},
+                                  "modalities": {"image": {"size": 16}}, "stages": []}))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--mixed_precision", "bf16",
+           "-m", "pipeline.cli", "pretrain", "--recipe", str(recipe), "--out", str(tmp_path / "out"),
+           "--sources", "[imgs]", "--objectives", "{data2vec: {}}", "--encoders", json.dumps({"image": TINY}),
+           "--steps", "4", "--log-every", "1", "--loader", json.dumps({"batch_size": 8, "num_workers": 0})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "precision bf16" in done.stderr
+    losses = [json.loads(ln)["loss"] for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    weights = load_file(tmp_path / "out" / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):
