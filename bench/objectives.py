@@ -2,7 +2,7 @@
 
     python bench/objectives.py [--objectives mae mlm clip data2vec] [--size tiny] [--batch-size N]
                                [--steps 3] [--warmup 2] [--repeats 5] [--threads 1]
-                               [--device cpu|cuda] [--dtype fp32|bf16] [--profile NAME]
+                               [--device cpu|cuda] [--dtype fp32|bf16] [--peak-tflops T] [--profile NAME]
 
 One training step is forward + backward + AdamW step (+ the EMA teacher update for data2vec), on
 one fixed synthetic batch (random pixels, random token ids: the same tensors for both sides).
@@ -27,7 +27,14 @@ interleaved (ours, peer, ours, peer …) so that machine noise hits both, and th
 median samples/s over repetitions and ours/peer.
 
 ``--device cuda --dtype bf16`` runs both sides on the GPU under bf16 autocast (fp32 weights and
-optimizer state), timing with ``torch.cuda.synchronize``. ``--profile NAME`` prints the top ops of
+optimizer state), timing with ``torch.cuda.synchronize``. A second table gives each side's FLOPs per
+sample as torch's ``FlopCounterMode`` counts one of its steps (matrix products and attention, as
+run: work a side skips is not credited to it), the rate it reaches and its MFU against
+``--peak-tflops`` (on a GPU with bf16, by default the data sheet's dense bf16 peak). ViT-B/16 MAE
+and CLIP B/16 MFU on an H100:
+
+    python bench/objectives.py --device cuda --dtype bf16 --size base --objectives mae clip
+ ``--profile NAME`` prints the top ops of
 a few steps of each side of one pair instead of the table.
 """
 
@@ -51,7 +58,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from peers import EMA, MAE, Side, peer
+from peers import EMA, Side, clip_text, mae_settings, peer
 
 from modalities.image import ImageConfig
 from modalities.text import TextConfig
@@ -60,14 +67,22 @@ from pipeline.encoder import EncoderConfig
 from pipeline.objective import Learner
 
 #: benchmark dims per size: encoder width/depth/heads (MLP 4×), image side and patch, text length
-#: and vocabulary, batch. ``tiny`` runs on two CPU cores in a few minutes; the others are for a GPU.
+#: and vocabulary, batch, MAE decoder (width, depth, heads). ``tiny`` runs on two CPU cores in a few
+#: minutes; the others are for a GPU: ``base`` is ViT-B/16 with MAE's 512-wide, 8-deep decoder,
+#: BERT-base for MLM and data2vec-text, and CLIP B/16 (its text tower in ``clip_text``).
 SIZES = {
-    "tiny": {"width": 192, "layers": 4, "heads": 3, "image": 32, "patch": 4, "seq": 64, "vocab": 8000, "batch": 64},
+    "tiny": {"width": 192, "layers": 4, "heads": 3, "image": 32, "patch": 4, "seq": 64, "vocab": 8000, "batch": 64,
+             "decoder": (128, 2, 4)},
     "small": {"width": 384, "layers": 12, "heads": 6, "image": 224, "patch": 16, "seq": 128, "vocab": 30522,
-              "batch": 128},
+              "batch": 128, "decoder": (512, 8, 16)},
     "base": {"width": 768, "layers": 12, "heads": 12, "image": 224, "patch": 16, "seq": 128, "vocab": 30522,
-             "batch": 128},
+             "batch": 128, "decoder": (512, 8, 16),
+             "clip_text": {"width": 512, "heads": 8, "seq": 77, "vocab": 49408}},
 }
+#: dense bf16 tensor-core peak, TFLOPS, by a substring of ``torch.cuda.get_device_name()`` (first
+#: match wins): the vendors' data-sheet figures without sparsity
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
+                    ("A100", 312.0), ("L40S", 362.1), ("A10G", 70.0), ("L4", 121.0)]
 OBJECTIVES = ("mae", "mlm", "clip", "data2vec-image", "data2vec-text")
 
 
@@ -104,6 +119,11 @@ def make_inputs(dims: dict, tokenizer) -> dict:
             "__key__": [f"sample{i:06d}" for i in range(b)], "__source__": "synthetic"}
 
 
+def text_dims(name: str, dims: dict) -> dict:
+    """The dims the pair's text side runs at: a CLIP pair's text tower may differ from the rest."""
+    return clip_text(dims) if name == "clip" else dims
+
+
 def to_device(x, device):
     if isinstance(x, torch.Tensor):
         return x.to(device)
@@ -127,17 +147,19 @@ POOLING = {"clip": "cls"}
 def ours(name: str, dims: dict, tok_dir: str, batch: dict, steps_total: int) -> Side:
     """Modality → encoder → objective → Learner, as ``stages/pretrain.py`` ``run`` builds them."""
     kind, settings = {
-        "mae": ("mae", {"modality": "image", **MAE}),
+        "mae": ("mae", {"modality": "image", **mae_settings(dims)}),
         "mlm": ("mlm", {"modality": "text"}),
         "clip": ("clip", {"modalities": ["image", "text"]}),
         "data2vec-image": ("data2vec", {"modality": "image", "ema_start": EMA, "ema_end": EMA}),
         "data2vec-text": ("data2vec", {"modality": "text", "ema_start": EMA, "ema_end": EMA}),
     }[name]
+    tdims = text_dims(name, dims)
     cfgs = {"image": ImageConfig(size=dims["image"], channels=3),
-            "text": TextConfig(tokenizer=tok_dir, max_length=dims["seq"])}
+            "text": TextConfig(tokenizer=tok_dir, max_length=tdims["seq"])}
     needed = settings.get("modalities") or [settings["modality"]]
-    enc_cfg = encoder_config(dims, POOLING.get(name, "mean"))
-    encoders = {m: registry.modality(m)(cfgs[m]).encoder(enc_cfg) for m in needed}
+    pooling = POOLING.get(name, "mean")
+    enc_cfgs = {"image": encoder_config(dims, pooling), "text": encoder_config(tdims, pooling)}
+    encoders = {m: registry.modality(m)(cfgs[m]).encoder(enc_cfgs[m]) for m in needed}
     module = registry.module("objective", kind)
     obj = module.Objective(module.Config(**settings), encoders, kind, seed=0)
     learner = Learner(encoders, {kind: obj})
@@ -172,14 +194,53 @@ def timed(side: Side, first: int, steps: int, batch_size: int, device: str, auto
     return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
+def step_flops(side: Side, step: int, autocast) -> tuple[float, int]:
+    """(loss, FLOPs) of training step ``step`` (forward, backward, optimizer) as torch's
+    ``FlopCounterMode`` counts them: matrix products, convolutions and attention, the work MFU
+    conventionally counts (elementwise work is left out). Each side is counted as it runs, so work
+    an implementation skips is not credited to it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _count_cpu_attention()
+    with FlopCounterMode(display=False) as counter:
+        loss = side.step(step, autocast)
+    return float(loss), counter.get_total_flops()
+
+
+_CPU_ATTENTION_COUNTED = False
+
+
+def _count_cpu_attention() -> None:
+    """``FlopCounterMode`` knows the GPU attention kernels only; the CPU flash kernel (SDPA's
+    default here) gets the same formulas."""
+    global _CPU_ATTENTION_COUNTED
+    if _CPU_ATTENTION_COUNTED:
+        return
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+
+    @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    _CPU_ATTENTION_COUNTED = True
+
+
 def compare(name: str, dims: dict, batch: dict, tok_dir: str, tokenizer, args, autocast) -> dict:
     total = args.warmup + args.repeats * args.steps
     torch.manual_seed(0)
     runs = {"ours": ours(name, dims, tok_dir, batch, total).ready(args.device)}
     torch.manual_seed(0)
     runs["peer"] = peer(name, dims, batch, tokenizer).ready(args.device)
-    # step 0 is warm-up too; its loss shows both sides start from comparable objectives
-    first_loss = {k: float(side.step(0, autocast)) for k, side in runs.items()}
+    # step 0 is warm-up too, counted: its loss shows both sides start from comparable objectives
+    first_loss, flops = {}, {}
+    for k, side in runs.items():
+        first_loss[k], flops[k] = step_flops(side, 0, autocast)
     for side in runs.values():
         for s in range(1, args.warmup):
             side.step(s, autocast)
@@ -191,7 +252,8 @@ def compare(name: str, dims: dict, batch: dict, tok_dir: str, tokenizer, args, a
             rates[k].append(wall)
             cpu[k].append(per_cpu)
     params = {k: sum(p.numel() for p in side.module.parameters() if p.requires_grad) for k, side in runs.items()}
-    return {"name": name, "rates": rates, "cpu": cpu, "first_loss": first_loss, "params": params}
+    return {"name": name, "rates": rates, "cpu": cpu, "first_loss": first_loss, "params": params,
+            "flops_per_sample": {k: f / dims["batch"] for k, f in flops.items()}}
 
 
 # ---------------------------------------------------------------- report
@@ -220,16 +282,41 @@ def table(results: list[dict], dims: dict, args) -> str:
     for r in results:
         med = {k: statistics.median(v) for k, v in r["rates"].items()}
         cpu = {k: statistics.median(v) for k, v in r["cpu"].items()}
-        span = {k: f"{min(v):.0f}–{max(v):.0f}" for k, v in r["rates"].items()}
+        span = {k: f"{min(v):.3g}–{max(v):.3g}" for k, v in r["rates"].items()}
         loss, params = r["first_loss"], r["params"]
-        rows.append(f"| {r['name']} | {med['ours']:.0f} ({span['ours']}) | {med['peer']:.0f} ({span['peer']}) | "
+        rows.append(f"| {r['name']} | {med['ours']:.3g} ({span['ours']}) | {med['peer']:.3g} ({span['peer']}) | "
                     f"**{med['ours'] / med['peer']:.2f}×** | {cpu['ours'] / cpu['peer']:.2f}× | "
                     f"{loss['ours']:.3f} / {loss['peer']:.3f} | {params['ours'] / 1e6:.2f}M / {params['peer'] / 1e6:.2f}M |")
     head = (f"dims: width {dims['width']}, {dims['layers']} layers, {dims['heads']} heads, MLP {4 * dims['width']}, "
             f"image {dims['image']} patch {dims['patch']}, text {dims['seq']} tokens of {dims['vocab']}, "
-            f"batch {dims['batch']}; {args.repeats} × {args.steps} timed steps after {args.warmup} warm-up; "
-            f"median over repetitions")
-    return "\n".join([head, "", *rows])
+            f"MAE decoder {'/'.join(map(str, dims['decoder']))} (width/layers/heads), batch {dims['batch']}"
+            + (f", CLIP text tower {dims['clip_text']}" if "clip_text" in dims else "")
+            + f"; {args.repeats} × {args.steps} timed steps after {args.warmup} warm-up; median over repetitions")
+    return "\n".join([head, "", *rows, "", *utilization(results, args)])
+
+
+def peak_tflops(args) -> float | None:
+    """The peak the MFU column divides by: ``--peak-tflops``, else the GPU's dense bf16 figure."""
+    if args.peak_tflops:
+        return args.peak_tflops
+    if args.device == "cuda" and args.dtype == "bf16":
+        name = torch.cuda.get_device_name()
+        return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+    return None
+
+
+def utilization(results: list[dict], args) -> list[str]:
+    """FLOPs per sample as each side runs them, the rate they reach, and MFU against the peak."""
+    peak = peak_tflops(args)
+    rows = [f"| objective | GFLOP per sample ours / peer | TFLOPS ours / peer | MFU ours / peer (peak {peak or '?'} TFLOPS) |",
+            "|---|---|---|---|"]
+    for r in results:
+        fps = r["flops_per_sample"]
+        rate = {k: fps[k] * statistics.median(v) / 1e12 for k, v in r["rates"].items()}
+        mfu = f"{100 * rate['ours'] / peak:.1f} % / {100 * rate['peer'] / peak:.1f} %" if peak else "— (no peak known: --peak-tflops)"
+        rows.append(f"| {r['name']} | {fps['ours'] / 1e9:.3g} / {fps['peer'] / 1e9:.3g} | "
+                    f"{rate['ours']:.3g} / {rate['peer']:.3g} | {mfu} |")
+    return rows
 
 
 def profile(name: str, dims: dict, batch: dict, tok_dir: str, tokenizer, args, autocast) -> None:
@@ -267,6 +354,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 weights")
     ap.add_argument("--profile", choices=OBJECTIVES, help="profile this pair instead of timing all")
+    ap.add_argument("--peak-tflops", type=float,
+                    help="peak of the device for the MFU column (default: the GPU's dense bf16 figure with "
+                         "--dtype bf16; none on CPU, where 2.45 GHz × 32 fp32 FLOP/cycle = 0.078 per AVX2 core)")
     args = ap.parse_args(argv)
     names = [n for o in args.objectives for n in (("data2vec-image", "data2vec-text") if o == "data2vec" else (o,))]
     unknown = [n for n in names if n not in OBJECTIVES]
@@ -292,17 +382,26 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        tok_dir = build_tokenizer(dims["vocab"], Path(tmp) / "tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        batch = to_device(make_inputs(dims, tokenizer), args.device)
+        texts: dict[tuple[int, int], tuple] = {}
+
+        def pair_inputs(name: str) -> tuple[dict, str, object]:
+            """(batch, tokenizer directory, tokenizer) at the dims of the pair's text side."""
+            t = text_dims(name, dims)
+            key = (t["vocab"], t["seq"])
+            if key not in texts:
+                tok_dir = build_tokenizer(t["vocab"], Path(tmp) / f"tokenizer-{t['vocab']}")
+                tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+                texts[key] = (to_device(make_inputs({**dims, **t}, tokenizer), args.device), tok_dir, tokenizer)
+            return texts[key]
+
         if args.profile:
-            profile(args.profile, dims, batch, tok_dir, tokenizer, args, autocast)
+            profile(args.profile, dims, *pair_inputs(args.profile), args, autocast)
             return
         print(machine(args), flush=True)
         results = []
         for name in args.names:
             t0 = time.perf_counter()
-            results.append(compare(name, dims, batch, tok_dir, tokenizer, args, autocast))
+            results.append(compare(name, dims, *pair_inputs(name), args, autocast))
             r = results[-1]["rates"]
             print(f"{name}: ours {statistics.median(r['ours']):.0f}, peer {statistics.median(r['peer']):.0f} "
                   f"samples/s ({time.perf_counter() - t0:.0f}s)", flush=True)

@@ -2,7 +2,7 @@
 are timed through (``bench/objectives.py`` builds ours and runs the comparison).
 
 Each peer is built from a config at the dims ``bench/objectives.py`` hands over, with the
-settings ours uses (``MAE``, ``D2V_MASK``, ``EMA``), and trained with the same AdamW over the same
+settings ours uses (``mae_settings``, ``clip_text``, ``D2V_MASK``, ``EMA``), and trained with the same AdamW over the same
 parameter grouping as ours (``Side.ready``).
 """
 
@@ -18,8 +18,20 @@ from torch import nn
 
 from pipeline.trainer import OptimConfig, param_groups
 
-#: settings both sides share: MAE's mask ratio and decoder
-MAE = {"mask_ratio": 0.75, "decoder_width": 128, "decoder_layers": 2, "decoder_heads": 4}
+#: MAE's mask ratio, both sides
+MAE_MASK = 0.75
+
+
+def mae_settings(dims: dict) -> dict:
+    """Our MAE settings for the size's decoder (width, depth, heads; MLP 4× width)."""
+    width, layers, heads = dims["decoder"]
+    return {"mask_ratio": MAE_MASK, "decoder_width": width, "decoder_layers": layers, "decoder_heads": heads}
+
+
+def clip_text(dims: dict) -> dict:
+    """The dims of a CLIP pair's text tower: the size's own, or its ``clip_text`` overrides
+    (CLIP B/16's text tower is 512 wide with 8 heads over 77 tokens of a 49,408 vocabulary)."""
+    return {**dims, **dims.get("clip_text", {})}
 #: our data2vec defaults, which the peers copy: mask ratio per modality, EMA momentum
 D2V_MASK = {"image": 0.6, "text": 0.15}
 EMA = 0.999
@@ -54,12 +66,12 @@ class Side:
 def peer_mae(dims: dict, batch: dict) -> Side:
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
-    d = dims["width"]
+    d, mae = dims["width"], mae_settings(dims)
     cfg = ViTMAEConfig(hidden_size=d, num_hidden_layers=dims["layers"], num_attention_heads=dims["heads"],
                        intermediate_size=4 * d, image_size=dims["image"], patch_size=dims["patch"], num_channels=3,
-                       layer_norm_eps=1e-6, mask_ratio=MAE["mask_ratio"], norm_pix_loss=True,
-                       decoder_hidden_size=MAE["decoder_width"], decoder_num_hidden_layers=MAE["decoder_layers"],
-                       decoder_num_attention_heads=MAE["decoder_heads"], decoder_intermediate_size=4 * MAE["decoder_width"],
+                       layer_norm_eps=1e-6, mask_ratio=mae["mask_ratio"], norm_pix_loss=True,
+                       decoder_hidden_size=mae["decoder_width"], decoder_num_hidden_layers=mae["decoder_layers"],
+                       decoder_num_attention_heads=mae["decoder_heads"], decoder_intermediate_size=4 * mae["decoder_width"],
                        attn_implementation="sdpa")
     model = ViTMAEForPreTraining(cfg)
     return Side(model, lambda step: model(pixel_values=batch["image"]).loss)
@@ -92,12 +104,13 @@ def peer_clip(dims: dict, batch: dict) -> Side:
     import open_clip
     from open_clip.loss import ClipLoss
 
-    d = dims["width"]
+    d, t = dims["width"], clip_text(dims)
     vision = {"image_size": dims["image"], "layers": dims["layers"], "width": d, "head_width": d // dims["heads"],
               "mlp_ratio": 4.0, "patch_size": dims["patch"]}
-    text = {"context_length": dims["seq"], "vocab_size": dims["vocab"], "width": d, "heads": dims["heads"],
-            "layers": dims["layers"], "mlp_ratio": 4.0}
-    model = open_clip.CLIP(embed_dim=d, vision_cfg=vision, text_cfg=text, output_dict=True)
+    text = {"context_length": t["seq"], "vocab_size": t["vocab"], "width": t["width"], "heads": t["heads"],
+            "layers": t["layers"], "mlp_ratio": 4.0}
+    # the shared space is as wide as the narrower tower, as ours defaults to
+    model = open_clip.CLIP(embed_dim=min(d, t["width"]), vision_cfg=vision, text_cfg=text, output_dict=True)
     clip_loss = ClipLoss()
 
     def loss(step: int) -> torch.Tensor:
