@@ -82,7 +82,7 @@ SIZES = {
 #: dense bf16 tensor-core peak, TFLOPS, by a substring of ``torch.cuda.get_device_name()`` (first
 #: match wins): the vendors' data-sheet figures without sparsity
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
-                    ("A100", 312.0), ("L40S", 362.1), ("A10G", 70.0), ("L4", 121.0)]
+                    ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("A10G", 70.0), ("L4", 121.0)]
 OBJECTIVES = ("mae", "mlm", "clip", "data2vec-image", "data2vec-text")
 
 
@@ -219,6 +219,9 @@ def _count_cpu_attention() -> None:
     from torch.utils import flop_counter as fc
 
     aten = torch.ops.aten
+    _CPU_ATTENTION_COUNTED = True
+    if aten._scaled_dot_product_flash_attention_for_cpu in fc.flop_registry:  # a newer torch counts it itself
+        return
 
     @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
     def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -227,8 +230,6 @@ def _count_cpu_attention() -> None:
     @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
     def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-    _CPU_ATTENTION_COUNTED = True
 
 
 def compare(name: str, dims: dict, batch: dict, tok_dir: str, tokenizer, args, autocast) -> dict:

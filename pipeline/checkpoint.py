@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.config import ConfigError
+
 PREFIX = "step_"
 
 
@@ -78,22 +80,92 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 def gather(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """(weights, optimizer state_dict) of the whole model, keyed by parameter name, in host memory:
     gathered from every process's shard under FSDP, without DDP's ``module.`` prefix. A collective
-    when several processes run; with cpu offload only process 0 receives them (others: empty)."""
+    when several processes run; only process 0 keeps the result then (others: empty)."""
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_available() and dist.is_initialized())
-    return get_state_dict(model, optimizer, options=options)
+    several = dist.is_available() and dist.is_initialized()
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=several))
+    keep = not several or dist.get_rank() == 0
+    # the optimizer by hand: torch's helper would first give an optimizer without state a step
+    # with zero gradients (state step 1, zero moments), changing the next real update
+    names = _names(model)
+    sd = optimizer.state_dict()  # state keyed by position over the groups' parameters
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, entries in sorted(sd["state"].items()):
+        whole = {k: _whole(v) for k, v in entries.items()}  # every process takes part in each gather
+        if keep:
+            state[order[i]] = whole
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return weights, ({"state": state, "param_groups": groups} if keep else {})
 
 
 def scatter(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
             optimizer_state: dict) -> None:
-    """Load what ``gather`` produced into ``model`` and ``optimizer``; each process hands over the
-    whole state and keeps its part (its shard under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    """Load what ``gather`` produced into ``model`` and ``optimizer``: each process hands over the
+    whole state and keeps its part (its shard under FSDP). Parameters the checkpoint holds no
+    optimizer state for (no gradient yet when it was written) start without state, as then."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state,
-                   options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    params = dict(_named(model))
+    saved = optimizer_state["state"]
+    if saved and all(k.isdigit() for k in saved):
+        saved = _by_name(model, optimizer, saved)
+    unknown = sorted(set(saved) - set(params))
+    if unknown:
+        raise ConfigError(f"optimizer state for {unknown[0]}, which this model does not have ({len(unknown)} "
+                          f"such): a checkpoint of another model?")
+    if len(optimizer_state["param_groups"]) != len(optimizer.param_groups):
+        raise ConfigError(f"optimizer state with {len(optimizer_state['param_groups'])} parameter groups, "
+                          f"this optimizer has {len(optimizer.param_groups)}")
+    position = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    state = {position[id(params[n])]: {k: _part(v, params[n]) for k, v in s.items()} for n, s in saved.items()}
+    # hyperparameters from the checkpoint, parameters in this optimizer's order (positions map to themselves)
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [position[id(p)] for p in now["params"]]}
+              for g, now in zip(optimizer_state["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _named(model: torch.nn.Module):
+    from torch.nn.parallel import DistributedDataParallel
+
+    return (model.module if isinstance(model, DistributedDataParallel) else model).named_parameters()
+
+
+def _names(model: torch.nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in _named(model)}
+
+
+def _by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> dict[str, dict]:
+    """State keyed by position (checkpoints written before it was keyed by name) → by name, each
+    tensor shaped as its parameter now is (CLIP's logit scale went from [] to [1])."""
+    names = _names(model)
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    out = {}
+    for i, entries in saved.items():
+        p = order[int(i)]
+        out[names[id(p)]] = {k: v.reshape(p.shape) if k != "step" and isinstance(v, torch.Tensor) and v.numel() == p.numel()
+                             else v for k, v in entries.items()}
+    return out
+
+
+def _whole(value):
+    """A tensor of optimizer state, whole and in host memory (gathered if it is a shard)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().cpu()
+
+
+def _part(value, param: torch.Tensor):
+    """Optimizer state for ``param`` as it lives beside it: this process's shard of a whole tensor
+    under FSDP (every process holds the whole, so no data moves)."""
+    if isinstance(value, torch.Tensor) and hasattr(param, "device_mesh") and value.shape == param.shape:
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return value
 
 
 def rng_state() -> dict:

@@ -86,6 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     except HealthError as e:  # the run stopped itself: the message names the problem and the checkpoint
         print(f"selfsup: stopped: {e}", file=sys.stderr)
         return 1
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Close the process group a launch opened (a gloo group left open can abort the process at
+    exit); local, so a process that stops early does not wait for the others."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _run(args) -> int:

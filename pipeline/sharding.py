@@ -20,7 +20,11 @@ from torch import nn
 def call_as(module: nn.Module, fn, *args):
     """``fn(module, *args)``, run as a call of ``module`` would be: for an FSDP2 unit, its weights
     are gathered before and freed after, and its gradients reduced in backward. ``fn`` becomes a
-    registered forward method of that module the first time a sharded one is met."""
+    registered forward method of that module the first time a sharded one is met (bound to that
+    module: a copy of it made afterwards would run the original's weights, so copy before sharding,
+    as the data2vec teacher is copied when the objective is built)."""
+    if not torch.distributed.is_available():  # a torch build without distributed has no FSDP either
+        return fn(module, *args)
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
     if not isinstance(module, FSDPModule):

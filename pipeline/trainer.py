@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from pipeline import checkpoint, sharding
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data import to_device
 from pipeline.health import HealthConfig, HealthError, Monitor, embedding_stats
 
@@ -111,7 +111,8 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
         micro = [{**to_device(next(batches), accelerator.device), "__step__": step} for _ in range(k)]
         # objectives that couple micro-batches (CLIP) embed them all first (as a call of the
         # model: under FSDP, weights are gathered only around calls)
-        sharding.call_as(learner, type(learner).begin_step, micro)
+        with accelerator.autocast():  # Accelerate autocasts ``forward`` only
+            sharding.call_as(learner, type(learner).begin_step, micro)
         sums: dict[str, torch.Tensor] = {}
         check = (step + 1) % cfg.health.every == 0
         for i, mb in enumerate(micro):
@@ -198,7 +199,10 @@ def save(ckpt_dir: Path, run: dict, model, opt, loader, accelerator, cfg: Traine
 def restore(path: Path, model, opt, loader, accelerator) -> dict:
     """Load checkpoint ``path`` into the (prepared) model, optimizer, loader and RNG; returns the run state."""
     weights, optimizer, state = checkpoint.load(path)
-    checkpoint.scatter(model, opt.optimizer, weights, optimizer)
+    try:
+        checkpoint.scatter(model, opt.optimizer, weights, optimizer)
+    except (ConfigError, RuntimeError) as e:  # RuntimeError: load_state_dict's missing / unexpected weights
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
     loader.load_state_dict(state["data"])
     if state.get("world_size") == accelerator.num_processes:  # elastic resume keeps fresh generators
         checkpoint.set_rng_state(state["rng"][accelerator.process_index])

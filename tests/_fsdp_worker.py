@@ -128,3 +128,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    torch.distributed.destroy_process_group()  # an open gloo group can abort the process at exit

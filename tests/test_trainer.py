@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from modalities.image import ImageConfig
 from modalities.image import Modality as Image
 from pipeline import checkpoint
+from pipeline.config import ConfigError
 from pipeline.data import LoaderConfig, SourceConfig, StreamingLoader
 from pipeline.encoder import EncoderConfig
 from pipeline.health import HealthConfig, HealthError, Monitor, effective_rank, embedding_stats
@@ -116,23 +117,28 @@ def test_sigkill_then_resume_is_bitwise_identical(data, tmp_path):
 
 @pytest.mark.slow
 def test_bf16_launch_trains_with_fp32_weights(data, tmp_path):
-    """``accelerate launch --mixed_precision bf16``: the stage runs under bf16 autocast (its log
-    says so), its losses stay finite and its checkpoint holds fp32 weights."""
+    """``accelerate launch --mixed_precision bf16`` against the same launch in fp32: the stage says
+    which it got, the bf16 losses differ from the fp32 ones (autocast took effect) by little, and
+    the checkpoint holds fp32 weights."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({"name": "r", "sources": {"imgs": {"shards": str(data), "modalities": ["image"]}},
                                   "modalities": {"image": {"size": 16}}, "stages": []}))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--mixed_precision", "bf16",
-           "-m", "pipeline.cli", "pretrain", "--recipe", str(recipe), "--out", str(tmp_path / "out"),
-           "--sources", "[imgs]", "--objectives", "{data2vec: {}}", "--encoders", json.dumps({"image": TINY}),
-           "--steps", "4", "--log-every", "1", "--loader", json.dumps({"batch_size": 8, "num_workers": 0})]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "precision bf16" in done.stderr
-    losses = [json.loads(ln)["loss"] for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
-    weights = load_file(tmp_path / "out" / "checkpoints" / "step_00000004" / "model.safetensors")
-    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
+    losses = {}
+    for precision in ("bf16", "no"):
+        out = tmp_path / precision
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+               "--mixed_precision", precision, "-m", "pipeline.cli", "pretrain", "--recipe", str(recipe), "--out", str(out),
+               "--sources", "[imgs]", "--objectives", "{data2vec: {}}", "--encoders", json.dumps({"image": TINY}),
+               "--steps", "4", "--log-every", "1", "--loader", json.dumps({"batch_size": 8, "num_workers": 0})]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"precision {precision}" in done.stderr
+        losses[precision] = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        weights = load_file(out / "checkpoints" / "step_00000004" / "model.safetensors")
+        assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
+    assert len(losses["bf16"]) == 4 and all(math.isfinite(x) for x in losses["bf16"])
+    assert losses["bf16"][0] != losses["no"][0] and abs(losses["bf16"][0] - losses["no"][0]) < 0.03 * losses["no"][0]
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):
@@ -162,6 +168,48 @@ def test_a_checkpoint_holding_nan_is_never_written(data, tmp_path):
     with pytest.raises(HealthError, match="objectives.mae.head.weight is not finite"):
         save(tmp_path, {"step": 4, "lr_scale": 1.0, "rollbacks": 0}, learner, opt, loader, acc, TrainerConfig(), {})
     assert checkpoint.latest(tmp_path) is None
+
+
+def test_checkpointing_leaves_the_run_as_it_was(data, tmp_path):
+    """The checkpoint written before the first step (for rollback) must not touch the optimizer:
+    a rollback run and a warn run (no early checkpoint) end with the same weights, bit for bit."""
+    finals = []
+    for action in ("rollback", "warn"):
+        learner, loader = setup(data)
+        (tmp_path / action).mkdir()
+        train(learner, loader, trainer_cfg(action), tmp_path / action, accelerator(), progress=False)
+        finals.append(learner.state_dict())
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    learner, _ = setup(data)
+    opt = torch.optim.AdamW(learner.parameters())
+    checkpoint.gather(learner, opt)
+    assert not opt.state  # an optimizer without state keeps none
+
+
+def test_optimizer_state_by_name_round_trips_and_stays_absent_where_it_was():
+    """A parameter without a gradient before the checkpoint has no optimizer state in it, and has
+    none after loading, even into an optimizer that had some; checkpoints keyed by position load."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 3), "b": torch.nn.Linear(3, 3)})
+    opt = torch.optim.AdamW(model.parameters())
+    model["a"](torch.randn(4, 3)).sum().backward()  # b gets no gradient, so no state
+    opt.step()
+    weights, state = checkpoint.gather(model, opt)
+    assert sorted(state["state"]) == ["a.bias", "a.weight"] and state["param_groups"][0]["params"][0] == "a.weight"
+    tensors, rest = checkpoint._split_optimizer(state)
+    written = checkpoint._join_optimizer(tensors, rest)  # as save + load hand it back
+    positional = checkpoint._join_optimizer(*checkpoint._split_optimizer(opt.state_dict()))
+    for saved in (written, positional):
+        fresh = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 3), "b": torch.nn.Linear(3, 3)})
+        opt2 = torch.optim.AdamW(fresh.parameters())
+        sum(m(torch.randn(4, 3)).sum() for m in fresh.values()).backward()
+        opt2.step()  # b now has state the checkpoint does not
+        checkpoint.scatter(fresh, opt2, weights, saved)
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in weights.items())
+        assert set(opt2.state) == {fresh["a"].weight, fresh["a"].bias}
+        assert torch.equal(opt2.state[fresh["a"].weight]["exp_avg"], opt.state[model["a"].weight]["exp_avg"])
+    with pytest.raises(ConfigError, match="optimizer state for c.weight"):
+        checkpoint.scatter(model, opt, weights, {**written, "state": {"c.weight": {}}})
 
 
 def test_health_stats_tell_collapse_from_spread():

@@ -61,6 +61,12 @@ class Objective(Base):
     def modalities(self) -> tuple[str, ...]:
         return tuple(self.cfg.modalities)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "logit_scale"
+        if key in state_dict and state_dict[key].ndim == 0:  # checkpoints from before it was [1]
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def features(self, batch: dict, m: str) -> torch.Tensor:
         """[B, E] L2-normalized projection of the pooled embedding of modality ``m``."""
         return F.normalize(self.proj[m](self.encoders[m].embed(batch[m])).float(), dim=-1)
