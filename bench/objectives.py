@@ -34,8 +34,8 @@ run: work a side skips is not credited to it), the rate it reaches and its MFU a
 and CLIP B/16 MFU on an H100:
 
     python bench/objectives.py --device cuda --dtype bf16 --size base --objectives mae clip
- ``--profile NAME`` prints the top ops of
-a few steps of each side of one pair instead of the table.
+
+``--profile NAME`` prints the top ops of a few steps of each side of one pair instead of the table.
 """
 
 from __future__ import annotations
