@@ -108,8 +108,11 @@ def scatter(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: d
     optimizer state for (no gradient yet when it was written) start without state, as then."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    missing = sorted(set(_module(model).state_dict()) - set(weights))  # torch's loader would keep them as they are
+    if missing:
+        raise ConfigError(f"no weight {missing[0]} ({len(missing)} missing): a checkpoint of another model?")
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
-    params = dict(_named(model))
+    params = dict(_module(model).named_parameters())
     saved = optimizer_state["state"]
     if saved and all(k.isdigit() for k in saved):
         saved = _by_name(model, optimizer, saved)
@@ -128,14 +131,15 @@ def scatter(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: d
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _named(model: torch.nn.Module):
+def _module(model: torch.nn.Module) -> torch.nn.Module:
+    """The model DDP wraps (FSDP2 shards in place: the model itself)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return (model.module if isinstance(model, DistributedDataParallel) else model).named_parameters()
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def _names(model: torch.nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in _named(model)}
+    return {id(p): n for n, p in _module(model).named_parameters()}
 
 
 def _by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> dict[str, dict]:

@@ -201,8 +201,12 @@ def restore(path: Path, model, opt, loader, accelerator) -> dict:
     weights, optimizer, state = checkpoint.load(path)
     try:
         checkpoint.scatter(model, opt.optimizer, weights, optimizer)
-    except (ConfigError, RuntimeError) as e:  # RuntimeError: load_state_dict's missing / unexpected weights
-        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except RuntimeError as e:  # load_state_dict's missing / unexpected / mis-shaped weights, on one line
+        if "state_dict" not in str(e):
+            raise
+        raise ConfigError(f"{path}: {' '.join(str(e).split())[:500]}") from None
     loader.load_state_dict(state["data"])
     if state.get("world_size") == accelerator.num_processes:  # elastic resume keeps fresh generators
         checkpoint.set_rng_state(state["rng"][accelerator.process_index])

@@ -210,6 +210,8 @@ def test_optimizer_state_by_name_round_trips_and_stays_absent_where_it_was():
         assert torch.equal(opt2.state[fresh["a"].weight]["exp_avg"], opt.state[model["a"].weight]["exp_avg"])
     with pytest.raises(ConfigError, match="optimizer state for c.weight"):
         checkpoint.scatter(model, opt, weights, {**written, "state": {"c.weight": {}}})
+    with pytest.raises(ConfigError, match="no weight a.bias"):  # torch's loader would keep the current one
+        checkpoint.scatter(model, opt, {k: v for k, v in weights.items() if k != "a.bias"}, written)
 
 
 def test_health_stats_tell_collapse_from_spread():
