@@ -4,8 +4,9 @@
 included), ``optimizer.safetensors`` (the optimizer's tensors, ``<parameter name>.<exp_avg|…>``)
 and ``state.json`` (step, the rest of the optimizer state, learning-rate scale, each process's data
 position and RNG states, the resolved config). Both hold whole tensors, whatever the sharding
-(``gather`` / ``scatter``), so a run may resume on another number of processes. A checkpoint is assembled in a temporary directory and renamed into place, so a process
-killed at any moment leaves either the previous checkpoint or the new one, never half of one.
+(``gather`` / ``scatter``), so a run may resume on another number of processes. A checkpoint is
+assembled in a temporary directory and renamed into place, so a process killed at any moment
+leaves either the previous checkpoint or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline import sharding
 from pipeline.config import ConfigError
 
 PREFIX = "step_"
@@ -91,7 +93,7 @@ def gather(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
     # with zero gradients (state step 1, zero moments), changing the next real update
     names = _names(model)
     sd = optimizer.state_dict()  # state keyed by position over the groups' parameters
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    order = [names[id(p)] for p in _order(optimizer)]
     state = {}
     for i, entries in sorted(sd["state"].items()):
         whole = {k: _whole(v) for k, v in entries.items()}  # every process takes part in each gather
@@ -123,7 +125,7 @@ def scatter(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: d
     if len(optimizer_state["param_groups"]) != len(optimizer.param_groups):
         raise ConfigError(f"optimizer state with {len(optimizer_state['param_groups'])} parameter groups, "
                           f"this optimizer has {len(optimizer.param_groups)}")
-    position = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    position = {id(p): i for i, p in enumerate(_order(optimizer))}
     state = {position[id(params[n])]: {k: _part(v, params[n]) for k, v in s.items()} for n, s in saved.items()}
     # hyperparameters from the checkpoint, parameters in this optimizer's order (positions map to themselves)
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [position[id(p)] for p in now["params"]]}
@@ -142,11 +144,15 @@ def _names(model: torch.nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in _module(model).named_parameters()}
 
 
+def _order(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's parameters in the order its state_dict numbers them."""
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
 def _by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> dict[str, dict]:
     """State keyed by position (checkpoints written before it was keyed by name) → by name, each
     tensor shaped as its parameter now is (CLIP's logit scale went from [] to [1])."""
-    names = _names(model)
-    order = [p for g in optimizer.param_groups for p in g["params"]]
+    names, order = _names(model), _order(optimizer)
     out = {}
     for i, entries in saved.items():
         p = order[int(i)]
@@ -157,9 +163,7 @@ def _by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: di
 
 def _whole(value):
     """A tensor of optimizer state, whole and in host memory (gathered if it is a shard)."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    return (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().cpu()
+    return sharding.full(value).detach().cpu() if isinstance(value, torch.Tensor) else value
 
 
 def _part(value, param: torch.Tensor):
