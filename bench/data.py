@@ -5,7 +5,7 @@ Hugging Face ``datasets`` streaming over the same webdataset shards, with the sa
                          [--size 28] [--channels 1] [--repeats 3] [--batches N] [--plain-tar]
 
 Both sides read the same tar files, decode with ``modalities.image`` (``decode``, then ``transform``
-with the generator ``pipeline.seeding.sample_rng(seed, epoch, "image:<shard file>:<key>")``), collate
+with the generator ``pipeline.data.seeding.sample_rng(seed, epoch, "image:<shard file>:<key>")``), collate
 with the modality's ``collate`` and return ``{"image": [B, C, H, W] float, "cls": [B] long}``. A
 check before timing asserts that both produce identical tensors for the same samples.
 
@@ -49,9 +49,9 @@ sys.path.insert(0, str(ROOT))
 
 from modalities.image import ImageConfig
 from modalities.image import Modality as ImageModality
-from pipeline.data import LoaderConfig, SourceConfig, StreamingLoader, prepare_sample
-from pipeline.seeding import sample_rng
-from pipeline.shards import MANIFEST, iter_samples, open_shards
+from pipeline.data.loader import LoaderConfig, SourceConfig, StreamingLoader, prepare_sample
+from pipeline.data.seeding import sample_rng
+from pipeline.data.shards import MANIFEST, iter_samples, open_shards
 
 PREFETCH = LoaderConfig().prefetch_factor
 

@@ -64,8 +64,8 @@ from peers import EMA, Side, clip_text, mae_settings, peer
 from modalities.image import ImageConfig
 from modalities.text import TextConfig
 from pipeline import registry
-from pipeline.encoder import EncoderConfig
-from pipeline.objective import Learner
+from pipeline.encoders.base import EncoderConfig
+from pipeline.train.learner import Learner
 
 #: benchmark dims per size: encoder width/depth/heads (MLP 4×), image side and patch, text length
 #: and vocabulary, batch, MAE decoder (width, depth, heads). ``tiny`` runs on two CPU cores in a few

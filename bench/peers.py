@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.trainer import OptimConfig, param_groups
+from pipeline.train.loop import OptimConfig, param_groups
 
 #: MAE's mask ratio, both sides
 MAE_MASK = 0.75

@@ -18,10 +18,11 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from modalities.base import Modality as Base
+from modalities.base import ModalityConfig
 from pipeline.config import ConfigError
-from pipeline.encoder import EncoderConfig, ViTEncoder
-from pipeline.modality import Modality as Base
-from pipeline.modality import ModalityConfig
+from pipeline.encoders.base import EncoderConfig
+from pipeline.encoders.vit import ViTEncoder
 
 
 class AudioConfig(ModalityConfig):

@@ -3,7 +3,7 @@
 Augmentation is random-resized-crop + horizontal flip, done on the PIL image in one resampling
 call (crop box and resize together), which keeps per-sample cost to a few microseconds on small
 images; normalization happens once per batch. The encoder is a ViT over square patches
-(``pipeline.encoder``).
+(``pipeline.encoders.base``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.encoder import EncoderConfig, ViTEncoder
-from pipeline.modality import Modality as Base
-from pipeline.modality import ModalityConfig
+from modalities.base import Modality as Base
+from modalities.base import ModalityConfig
+from pipeline.encoders.base import EncoderConfig
+from pipeline.encoders.vit import ViTEncoder
 
 _FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 

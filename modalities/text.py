@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from modalities.base import Modality as Base
+from modalities.base import ModalityConfig
 from pipeline.config import ConfigError
-from pipeline.encoder import BertEncoder, EncoderConfig
-from pipeline.modality import Modality as Base
-from pipeline.modality import ModalityConfig
+from pipeline.encoders.base import EncoderConfig
+from pipeline.encoders.bert import BertEncoder
 
 
 class TextConfig(ModalityConfig):

@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     from pipeline import registry
     from pipeline.config import ConfigError
-    from pipeline.data import SampleError
-    from pipeline.health import HealthError
-    from pipeline.shards import ShardError
+    from pipeline.data.loader import SampleError
+    from pipeline.data.shards import ShardError
+    from pipeline.train.health import HealthError
 
     stages = registry.names("stage")
     parser = _Parser(prog="selfsup", description=__doc__.split("\n\n")[0])

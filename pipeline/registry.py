@@ -1,5 +1,6 @@
 """Find components by file name: ``modalities/<name>.py`` holds a ``Modality``,
-``stages/<name>.py`` a stage (``Config`` + ``run``), ``pipeline/objectives/<name>.py`` an objective.
+``stages/<name>.py`` a stage (``Config`` + ``run``), ``pipeline/objectives/<name>.py`` an objective,
+``pipeline/evaluators/<name>.py`` an evaluator; each package's ``base.py`` holds the contract.
 
 Adding a component is adding one file; nothing else is edited. Modules are imported lazily, so
 listing names costs no import of torch-heavy code.
@@ -24,12 +25,13 @@ KINDS = {
 
 @cache
 def names(kind: str) -> tuple[str, ...]:
-    """Registered names of one kind (file names without ``.py``; files starting with ``_`` are private)."""
+    """Registered names of one kind: file names without ``.py``, except ``base`` (the contract the
+    others fulfil) and private files starting with ``_``."""
     try:
         package = importlib.import_module(KINDS[kind])
     except ModuleNotFoundError:
         return ()
-    return tuple(sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")))
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_") and m.name != "base"))
 
 
 def module(kind: str, name: str) -> ModuleType:

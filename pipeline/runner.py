@@ -22,7 +22,7 @@ from pydantic import Field
 
 from pipeline import registry
 from pipeline.config import Config, ConfigError, apply_overrides, build, dump, load_yaml
-from pipeline.data import SourceConfig
+from pipeline.data.loader import SourceConfig
 from pipeline.stage import Context
 
 log = logging.getLogger("selfsup")

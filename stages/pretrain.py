@@ -19,10 +19,10 @@ from pydantic import Field, field_validator
 
 from pipeline import registry
 from pipeline.config import ConfigError, build
-from pipeline.data import LoaderConfig
-from pipeline.encoder import EncoderConfig
+from pipeline.data.loader import LoaderConfig
+from pipeline.encoders.base import EncoderConfig
 from pipeline.stage import Context, StageConfig
-from pipeline.trainer import TrainerConfig
+from pipeline.train.loop import TrainerConfig
 
 #: every process of a launch runs this stage (the runner leaves other stages to process 0)
 distributed = True
@@ -63,9 +63,9 @@ def run(cfg: Config, ctx: Context) -> dict:
     import torch
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    from pipeline.data import StreamingLoader
-    from pipeline.objective import Learner
-    from pipeline.trainer import train
+    from pipeline.data.loader import StreamingLoader
+    from pipeline.train.learner import Learner
+    from pipeline.train.loop import train
 
     built = {name: objective_config(name, s) for name, s in cfg.objectives.items()}
     # several objectives see different batches (a mixture), so some parameters sit out some steps

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pipeline.shards import write_shards
-from pipeline.sources import SampleEncoder, open_source
+from pipeline.data.shards import write_shards
+from pipeline.data.sources import SampleEncoder, open_source
 from pipeline.stage import Context, StageConfig
 
 positional = ("input",)

@@ -16,7 +16,7 @@ from typing import Iterator, Literal
 from pydantic import Field
 
 from pipeline.config import ConfigError
-from pipeline.shards import iter_samples, open_shards
+from pipeline.data.shards import iter_samples, open_shards
 from pipeline.stage import Context, StageConfig
 from stages.validate import shard_inputs
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from pipeline import registry
-from pipeline.shards import MANIFEST, ShardError, iter_samples, list_tar_files, read_manifest, sha256_file
+from pipeline.data.shards import MANIFEST, ShardError, iter_samples, list_tar_files, read_manifest, sha256_file
 from pipeline.stage import Context, StageConfig
 
 HEAD, SPREAD = 16, 8  # samples decoded per shard without --full: the first HEAD, and SPREAD more spaced evenly

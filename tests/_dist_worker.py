@@ -20,7 +20,7 @@ from accelerate import Accelerator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modalities.image import ImageConfig  # noqa: E402
-from pipeline.data import LoaderConfig, SourceConfig, StreamingLoader  # noqa: E402
+from pipeline.data.loader import LoaderConfig, SourceConfig, StreamingLoader  # noqa: E402
 
 
 def main() -> None:

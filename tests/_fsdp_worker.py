@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from test_objectives import learner, split
 
-from pipeline import checkpoint, sharding
-from pipeline.trainer import param_groups
+from pipeline.train import checkpoint, sharding
+from pipeline.train.loop import param_groups
 
 
 def fsdp_plugin() -> FullyShardedDataParallelPlugin:
@@ -92,12 +92,12 @@ def parity(args, acc: Accelerator) -> None:
 def train(args, acc: Accelerator) -> None:
     from modalities.image import ImageConfig
     from modalities.image import Modality as Image
-    from pipeline.data import LoaderConfig, SourceConfig, StreamingLoader
-    from pipeline.encoder import EncoderConfig
-    from pipeline.objective import Learner
+    from pipeline.data.loader import LoaderConfig, SourceConfig, StreamingLoader
+    from pipeline.encoders.base import EncoderConfig
     from pipeline.objectives import data2vec
-    from pipeline.trainer import TrainerConfig
-    from pipeline.trainer import train as run
+    from pipeline.train.learner import Learner
+    from pipeline.train.loop import TrainerConfig
+    from pipeline.train.loop import train as run
     from stages.pretrain import export
 
     torch.manual_seed(0)

@@ -14,8 +14,8 @@ import torch
 from conftest import image_shards, png, ranks_keys
 
 from modalities.image import ImageConfig
-from pipeline.data import LoaderConfig, SampleError, SourceConfig, StreamingLoader
-from pipeline.shards import write_shards
+from pipeline.data.loader import LoaderConfig, SampleError, SourceConfig, StreamingLoader
+from pipeline.data.shards import write_shards
 
 IMAGE = {"image": ImageConfig(size=8, crop_scale=(0.3, 1.0))}
 
@@ -219,7 +219,7 @@ def test_unusual_and_broken_pngs_behave_as_with_pil():
 
 
 def test_sample_rng_is_a_function_of_seed_epoch_and_key():
-    from pipeline.seeding import sample_rng
+    from pipeline.data.seeding import sample_rng
 
     def draws(rng):
         return [rng.random(), rng.uniform(2, 3), rng.randint(0, 9), rng.getrandbits(130), rng.gauss(0, 1),

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, image_shards, launch_two, ranks_keys
 
 from modalities.image import ImageConfig
-from pipeline.data import LoaderConfig, SourceConfig, StreamingLoader
+from pipeline.data.loader import LoaderConfig, SourceConfig, StreamingLoader
 
 N = 120
 

@@ -13,8 +13,9 @@ from transformers import AutoModel
 
 from pipeline import registry
 from pipeline.config import ConfigError, build
-from pipeline.encoder import PRESETS, EncoderConfig, ViTEncoder, rows_of, take
-from pipeline.shards import write_shards
+from pipeline.data.shards import write_shards
+from pipeline.encoders.base import PRESETS, EncoderConfig, rows_of, take
+from pipeline.encoders.vit import ViTEncoder
 from pipeline.stage import Context
 from stages import tokenize
 

@@ -18,10 +18,10 @@ from modalities.image import ImageConfig
 from modalities.text import TextConfig
 from pipeline import registry
 from pipeline.config import ConfigError
-from pipeline.data import LoaderConfig, SourceConfig, StreamingLoader
-from pipeline.encoder import EncoderConfig
-from pipeline.objective import Learner
-from pipeline.trainer import param_groups
+from pipeline.data.loader import LoaderConfig, SourceConfig, StreamingLoader
+from pipeline.encoders.base import EncoderConfig
+from pipeline.train.learner import Learner
+from pipeline.train.loop import param_groups
 
 ENCODER = EncoderConfig(hidden_size=64, num_layers=2, num_heads=2, patch_size=4)
 #: every registered objective, with the modalities it trains (a new objective must be added here)
@@ -254,7 +254,7 @@ def test_data2vec_teacher_follows_the_student_by_ema(starter_tokenizer):
 def test_mae_decoder_runs_its_last_block_at_hidden_patches_only(starter_tokenizer):
     """The shortcut changes no number: the last block at the hidden rows gives what the full block
     gives there, and the loss equals the textbook one over the full decoder output."""
-    from pipeline.encoder import take
+    from pipeline.encoders.base import take
 
     model = learner("mae", ("image",), starter_tokenizer)
     mae, enc = model.objectives["mae"], model.encoders["image"]

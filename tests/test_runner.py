@@ -11,8 +11,8 @@ import yaml
 from conftest import REPO
 
 from pipeline.cli import main
+from pipeline.data.shards import write_shards
 from pipeline.runner import DEFAULT_RECIPE, load_recipe, run_recipe
-from pipeline.shards import write_shards
 
 TEXTS = ["the red fox", "a blue sky", "green grass grows", "dogs bark at night", "cats sleep all day"] * 4
 

@@ -14,8 +14,8 @@ import torch
 from conftest import STARTER, image_shards, png
 
 from pipeline.cli import main
-from pipeline.data import LoaderConfig, SourceConfig, StreamingLoader
-from pipeline.shards import iter_samples, open_shards, sha256_file
+from pipeline.data.loader import LoaderConfig, SourceConfig, StreamingLoader
+from pipeline.data.shards import iter_samples, open_shards, sha256_file
 from pipeline.stage import Context
 from stages.tokenize import Config as TokenizeConfig
 from stages.tokenize import run as train_tokenizer
@@ -169,7 +169,7 @@ def test_reader_gives_the_same_samples_as_tarfile_plain_and_gzip(tmp_path):
 
 
 def test_reader_rejects_a_corrupt_header_naming_the_shard(tmp_path):
-    from pipeline.shards import ShardError
+    from pipeline.data.shards import ShardError
 
     path = image_shards(tmp_path / "s", n=4, per_shard=4) / "shard-000000.tar"
     data = bytearray(path.read_bytes())

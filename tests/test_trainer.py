@@ -20,14 +20,14 @@ from safetensors.torch import load_file
 
 from modalities.image import ImageConfig
 from modalities.image import Modality as Image
-from pipeline import checkpoint
 from pipeline.config import ConfigError
-from pipeline.data import LoaderConfig, SourceConfig, StreamingLoader
-from pipeline.encoder import EncoderConfig
-from pipeline.health import HealthConfig, HealthError, Monitor, effective_rank, embedding_stats
-from pipeline.objective import Learner
+from pipeline.data.loader import LoaderConfig, SourceConfig, StreamingLoader
+from pipeline.encoders.base import EncoderConfig
 from pipeline.objectives import mae
-from pipeline.trainer import OptimConfig, TrainerConfig, lr_at, param_groups, train
+from pipeline.train import checkpoint
+from pipeline.train.health import HealthConfig, HealthError, Monitor, effective_rank, embedding_stats
+from pipeline.train.learner import Learner
+from pipeline.train.loop import OptimConfig, TrainerConfig, lr_at, param_groups, train
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "patch_size": 4}
 
@@ -157,7 +157,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
 
 
 def test_a_checkpoint_holding_nan_is_never_written(data, tmp_path):
-    from pipeline.trainer import save
+    from pipeline.train.loop import save
 
     learner, loader = setup(data)
     acc = accelerator()

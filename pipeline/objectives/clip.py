@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from pipeline.objective import Objective as Base
-from pipeline.objective import ObjectiveConfig
+from pipeline.objectives.base import Objective as Base
+from pipeline.objectives.base import ObjectiveConfig
 
 
 class Config(ObjectiveConfig):

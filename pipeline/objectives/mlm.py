@@ -17,9 +17,9 @@ from pydantic import Field
 from torch import nn
 
 from pipeline.config import ConfigError
-from pipeline.encoder import rows_of
-from pipeline.objective import Objective as Base
-from pipeline.objective import ObjectiveConfig
+from pipeline.encoders.base import rows_of
+from pipeline.objectives.base import Objective as Base
+from pipeline.objectives.base import ObjectiveConfig
 
 
 class Config(ObjectiveConfig):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pipeline.config import Config
 
 if TYPE_CHECKING:
-    from pipeline.encoder import Encoder, EncoderConfig
+    from pipeline.encoders.base import Encoder, EncoderConfig
 
 
 class ModalityConfig(Config):

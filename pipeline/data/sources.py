@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline import registry
 from pipeline.config import ConfigError
-from pipeline.shards import iter_samples, open_shards
+from pipeline.data.shards import iter_samples, open_shards
 
 #: column names understood without a ``fields`` mapping
 _ALIASES = {"label": "cls", "labels": "cls", "cls": "cls", "caption": "text", "text": "text",

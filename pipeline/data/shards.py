@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Sequence
 
 from pipeline.config import ConfigError
-from pipeline.tarstream import TarStream, split_member
+from pipeline.data.tarstream import TarStream, split_member
 
 MANIFEST = "manifest.json"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")

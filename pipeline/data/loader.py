@@ -33,11 +33,11 @@ from typing import Any, Iterator, Literal
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from modalities.base import Modality
 from pipeline import registry
 from pipeline.config import Config, ConfigError
-from pipeline.modality import Modality
-from pipeline.seeding import hash_int, sample_rng
-from pipeline.shards import ShardError, ShardSet, iter_samples, open_shards
+from pipeline.data.seeding import hash_int, sample_rng
+from pipeline.data.shards import ShardError, ShardSet, iter_samples, open_shards
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ class StreamingLoader:
     def load_state_dict(self, states: dict | list[dict]) -> None:
         """Resume from the states of all processes of the earlier run (one dict per rank; a single
         dict is accepted for a one-process run)."""
-        from pipeline.resume import restore
+        from pipeline.data.resume import restore
 
         restore(self, states if isinstance(states, list) else [states])
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import sharding
 from pipeline.config import ConfigError
+from pipeline.train import sharding
 
 PREFIX = "step_"
 

@@ -7,7 +7,7 @@ places the model, runs DDP/FSDP and mixed precision as ``accelerate_config.yaml`
 accumulation is explicit (``accumulate`` micro-batches, gradients synchronized on the last).
 
 The learning rate is a pure function of the step (linear warmup, cosine decay). Checkpoints
-(``pipeline.checkpoint``) carry weights, optimizer, step, each process's data position and RNG, so
+(``pipeline.train.checkpoint``) carry weights, optimizer, step, each process's data position and RNG, so
 a killed run continues where its last checkpoint was, with the same remaining samples and the same
 final weights.
 """
@@ -25,10 +25,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from pipeline import checkpoint, sharding
 from pipeline.config import Config, ConfigError
-from pipeline.data import to_device
-from pipeline.health import HealthConfig, HealthError, Monitor, embedding_stats
+from pipeline.data.loader import to_device
+from pipeline.train import checkpoint, sharding
+from pipeline.train.health import HealthConfig, HealthError, Monitor, embedding_stats
 
 log = logging.getLogger("selfsup.trainer")
 

@@ -1,4 +1,4 @@
-"""Reading tar members fast: the byte-level half of a shard reader (``pipeline.shards`` groups
+"""Reading tar members fast: the byte-level half of a shard reader (``pipeline.data.shards`` groups
 the members into webdataset samples).
 
 Shards hold many small members, so the cost of reading one is per member, not per byte: the file

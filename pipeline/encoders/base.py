@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, ConfigError
-from pipeline.sharding import call_as
 
 #: width, depth, heads per preset; the MLP is ``mlp_ratio`` × width and patches are 16 unless set
 PRESETS = {
@@ -189,162 +188,6 @@ class Encoder(nn.Module):
         return (states * w).sum(1) / w.sum(1).clamp(min=1.0)
 
 
-class ViTEncoder(Encoder):
-    """A ViT over a [B, C, H, W] grid of values: image pixels, or audio log-mel as a 1-channel
-    image. The sequence is [CLS] + H/p × W/p patches in row-major order."""
-
-    model_kwargs: ClassVar[dict] = {"add_pooling_layer": False, "use_mask_token": True}
-    architecture = Encoder.architecture + ("image_size", "patch_size", "num_channels")
-    num_prefix_tokens = 1
-    default_mask_ratio = 0.6
-
-    def __init__(self, cfg: EncoderConfig, image_size: tuple[int, int], channels: int, where: str = "encoder"):
-        from transformers import ViTConfig, ViTModel
-
-        p = cfg.patch_size
-        if p < 1 or image_size[0] % p or image_size[1] % p:
-            raise ConfigError(f"{where}.patch_size: {p} does not tile the {image_size[0]}×{image_size[1]} input; "
-                              f"pick a divisor of both sides")
-        dims = cfg.resolved(where)
-        config = ViTConfig(hidden_size=dims["hidden_size"], num_hidden_layers=dims["num_layers"],
-                           num_attention_heads=dims["num_heads"], intermediate_size=dims["intermediate_size"],
-                           hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-                           layer_norm_eps=1e-6, image_size=list(image_size), patch_size=p, num_channels=channels,
-                           attn_implementation="sdpa")
-        super().__init__(ViTModel(config, **self.model_kwargs), cfg, where)
-        self.image_size = tuple(image_size)
-        self.patch_size = p
-        self.channels = channels
-        self.grid = (image_size[0] // p, image_size[1] // p)  # rows, columns of patches
-        self.num_patches = self.grid[0] * self.grid[1]
-
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's input [B, C, H, W] from a collated batch (audio overrides this to crop)."""
-        if tuple(x.shape[-2:]) != self.image_size:
-            raise ValueError(f"encoder built for {self.image_size[0]}×{self.image_size[1]} inputs, "
-                             f"got {x.shape[-2]}×{x.shape[-1]}")
-        return x
-
-    def forward(self, inputs, *, keep=None, mask=None, rows=None) -> EncoderOutput:
-        """inputs [B, C, H, W]; keep [B, n_keep] patch indices; mask [B, N] bool; rows [B, S] indices
-        into the sequence ([CLS] is row 0, patch n row 1 + n; after ``keep``, its order). Output
-        length L = 1 + N, 1 + n_keep with ``keep``, S with ``rows``."""
-        m = self.model
-        emb = m.embeddings
-        x = self.prepare(inputs).to(emb.patch_embeddings.projection.weight.dtype)
-        x = emb.patch_embeddings(x)  # [B, N, D]
-        if mask is not None:  # as ViTEmbeddings does with bool_masked_pos: swap the patch, keep its position
-            x = torch.where(mask.unsqueeze(-1), emb.mask_token.to(x.dtype), x)
-        pos = emb.position_embeddings  # [1, 1 + N, D], [CLS] first
-        x = x + pos[:, 1:]
-        if keep is not None:  # position added first, so every kept patch remembers where it was
-            x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, n_keep, D]
-        cls = (emb.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
-        h = emb.dropout(torch.cat([cls, x], dim=1))
-        hidden = [h]
-        for i, layer in enumerate(self.layers):  # the stock layers; no attention mask: every sequence is full
-            h = layer(h, None) if rows is None or i < len(self.layers) - 1 else call_as(layer, vit_layer_at, h, rows)
-            hidden.append(h)
-        return self._output(m.layernorm(h), hidden, rows)
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
-
-    @property
-    def mask_token(self) -> nn.Parameter:
-        return self.model.embeddings.mask_token
-
-    def model_inputs(self, inputs) -> dict:
-        return {"pixel_values": self.prepare(inputs)}
-
-    def num_tokens(self, inputs) -> int:
-        return self.num_patches
-
-    def maskable(self, inputs) -> torch.Tensor:
-        return torch.ones(inputs.shape[0], self.num_patches, dtype=torch.bool, device=inputs.device)
-
-    def patchify(self, inputs) -> torch.Tensor:
-        """[B, C, H, W] → [B, N, p·p·C]: patch n is grid cell (n // columns, n % columns), the
-        token order of the model; values within a patch ordered (row, column, channel)."""
-        x = self.prepare(inputs)
-        b, c = x.shape[:2]
-        (rows, cols), p = self.grid, self.patch_size
-        x = x.reshape(b, c, rows, p, cols, p).permute(0, 2, 4, 3, 5, 1)  # [B, rows, cols, p, p, C]
-        return x.reshape(b, rows * cols, p * p * c)
-
-    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
-        """Inverse of ``patchify``: [B, N, p·p·C] → [B, C, H, W] (e.g. to show reconstructions)."""
-        (rows, cols), p, c = self.grid, self.patch_size, self.channels
-        x = patches.reshape(-1, rows, cols, p, p, c).permute(0, 5, 1, 3, 2, 4)  # [B, C, rows, p, cols, p]
-        return x.reshape(-1, c, rows * p, cols * p)
-
-
-class BertEncoder(Encoder):
-    """A BERT over ``{"input_ids", "attention_mask"}`` [B, L]; the positions are the L tokens
-    (the tokenizer's [CLS]/<s> is one of them, so ``num_prefix_tokens == 0``)."""
-
-    model_kwargs: ClassVar[dict] = {"add_pooling_layer": False}
-    architecture = Encoder.architecture + ("vocab_size", "max_position_embeddings", "type_vocab_size")
-
-    def __init__(self, cfg: EncoderConfig, tokenizer, max_length: int, where: str = "encoder"):
-        from transformers import BertConfig, BertModel
-
-        if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
-            raise ConfigError(f"{where}: the text tokenizer has no mask or pad token; train one with `selfsup tokenize`")
-        dims = cfg.resolved(where)
-        config = BertConfig(vocab_size=len(tokenizer), hidden_size=dims["hidden_size"],
-                            num_hidden_layers=dims["num_layers"], num_attention_heads=dims["num_heads"],
-                            intermediate_size=dims["intermediate_size"], hidden_dropout_prob=cfg.dropout,
-                            attention_probs_dropout_prob=cfg.dropout, pad_token_id=tokenizer.pad_token_id,
-                            # 512 at least, so that a later stage may use longer texts with the same weights
-                            max_position_embeddings=max(512, max_length), attn_implementation="sdpa")
-        super().__init__(BertModel(config, **self.model_kwargs), cfg, where)
-        self.mask_token_id: int = tokenizer.mask_token_id
-        #: the tokenizer the vocabulary belongs to (MLM masking, export beside the weights)
-        self.tokenizer = tokenizer
-        self.register_buffer("special_ids", torch.tensor(sorted(tokenizer.all_special_ids)), persistent=False)
-
-    def forward(self, inputs, *, keep=None, mask=None, rows=None) -> EncoderOutput:
-        """inputs {"input_ids", "attention_mask"} [B, L]; mask [B, L] bool: those ids become [MASK];
-        rows [B, S] token indices where the last layer is evaluated."""
-        from transformers.masking_utils import create_bidirectional_mask
-
-        if keep is not None:
-            raise NotImplementedError("text encoders run on whole sequences: drop tokens (keep=) is for "
-                                      "patch encoders; mask them instead (mask=)")
-        ids, attention = inputs["input_ids"], inputs.get("attention_mask")
-        if mask is not None:
-            ids = ids.masked_fill(mask, self.mask_token_id)
-        m = self.model
-        h = m.embeddings(input_ids=ids)
-        # the stock model's own attention mask for its attention implementation (None: no padding)
-        bias = create_bidirectional_mask(config=m.config, inputs_embeds=h, attention_mask=attention)
-        hidden, layers = [h], self.layers
-        for i, layer in enumerate(layers):
-            if rows is None or i < len(layers) - 1:
-                h = layer(h, bias)
-            else:  # a padding mask is the same for every query: its first query row serves all
-                h = call_as(layer, bert_layer_at, h, rows, None if bias is None else bias[:, :, :1])
-            hidden.append(h)
-        return self._output(h, hidden, rows, attention)
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.encoder.layer
-
-    def model_inputs(self, inputs) -> dict:
-        return {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
-
-    def num_tokens(self, inputs) -> int:
-        return inputs["input_ids"].shape[1]
-
-    def maskable(self, inputs) -> torch.Tensor:
-        """Real tokens that are not special ([CLS], [SEP], padding …)."""
-        ids = inputs["input_ids"]
-        real = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(ids, dtype=torch.bool)
-        return real & ~torch.isin(ids, self.special_ids)
-
 
 # ---------------------------------------------------------------- one layer at selected rows
 #
@@ -371,26 +214,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, dropou
     return out.transpose(1, 2).reshape(q.shape)
 
 
-def vit_layer_at(layer, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """transformers ``ViTLayer`` (pre-norm) with its outputs at ``rows`` only: h [B, L, D] → [B, S, D]."""
-    att = layer.attention
-    x = layer.layernorm_before(h)
-    a = attend(att.q_proj(take(x, rows)), att.k_proj(x), att.v_proj(x), att.num_attention_heads,
-               att.attention_dropout if att.training else 0.0, att.scaling)
-    h = layer.dropout(att.o_proj(a)) + take(h, rows)
-    return layer.dropout(layer.mlp(layer.layernorm_after(h))) + h
-
-
-def bert_layer_at(layer, h: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """transformers ``BertLayer`` (post-norm) with its outputs at ``rows`` only: h [B, L, D] →
-    [B, S, D]; ``mask`` is the stock attention mask for one query row, [B, 1, 1, L]."""
-    sa = layer.attention.self
-    q = take(h, rows)
-    a = attend(sa.query(q), sa.key(h), sa.value(h), sa.num_attention_heads, sa.dropout.p if sa.training else 0.0,
-               sa.scaling, mask)
-    a = layer.attention.output(a, q)
-    return layer.output(layer.intermediate(a), a)
-
 
 def rows_of(mask: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, N] bool → (rows [B, S], valid [B, S]) for ``forward(rows=)``: each sample's True positions
@@ -402,4 +225,3 @@ def rows_of(mask: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Te
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :size]  # True positions first
     valid = torch.arange(size, device=mask.device) < counts.unsqueeze(1)
     return torch.where(valid, order, 0) + offset, valid
-

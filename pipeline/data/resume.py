@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from pipeline.config import ConfigError
 
 if TYPE_CHECKING:
-    from pipeline.data import StreamingLoader
+    from pipeline.data.loader import StreamingLoader
 
 
 def restore(loader: "StreamingLoader", states: list[dict]) -> None:

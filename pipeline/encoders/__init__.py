@@ -1,0 +1,1 @@
+"""Encoder families: ``base`` (the contract every encoder fulfils) and one file per stock transformers family."""

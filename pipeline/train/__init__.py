@@ -1,0 +1,1 @@
+"""Training: the one loop (``loop``), the ``Learner`` it optimizes, checkpoints, the health monitor, FSDP helpers."""
