@@ -11,6 +11,7 @@ and after a resume.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.config import Config
@@ -31,6 +32,9 @@ class Modality:
     #: ``transform`` needs something a pre-flight check may not have yet (text: a trained tokenizer),
     #: so ``selfsup validate`` checks decoding only
     transform_needs_assets: ClassVar[bool] = False
+    #: settings an encoder saved with other values may still be used with (augmentation, assets):
+    #: they change neither the weights nor what the features mean (``pipeline.encoders.saved``)
+    free_keys: ClassVar[frozenset[str]] = frozenset({"write_format"})
 
     def __init__(self, cfg: ModalityConfig | None = None):
         self.cfg = cfg if cfg is not None else self.Config()
@@ -54,6 +58,11 @@ class Modality:
     def encoder(self, cfg: EncoderConfig | None = None) -> Encoder:
         """The encoder of this modality's batches (``collate`` output), sized by ``cfg``."""
         raise NotImplementedError
+
+    def save_assets(self, path: Path) -> tuple[str, ...]:
+        """Write what the encoder needs besides its weights into its directory ``path`` (text: the
+        tokenizer); returns the settings that now point at that directory."""
+        return ()
 
     def pick(self, sample: dict) -> str | None:
         """The shard key of this modality present in ``sample``, or None."""

@@ -36,6 +36,7 @@ class Modality(Base):
     extensions = ("txt",)
     Config = TextConfig
     transform_needs_assets = True  # the tokenizer, trained after validation
+    free_keys = frozenset({"tokenizer", "max_length", "pad_to_max"})  # the vocabulary is checked by its size
 
     def __init__(self, cfg: TextConfig | None = None):
         super().__init__(cfg)
@@ -78,6 +79,10 @@ class Modality(Base):
             ids[i, : len(x)] = x
             mask[i, : len(x)] = 1
         return {"input_ids": ids, "attention_mask": mask}
+
+    def save_assets(self, path: Path) -> tuple[str, ...]:
+        self.tokenizer.save_pretrained(str(path))
+        return ("tokenizer",)
 
     def encoder(self, cfg: EncoderConfig | None = None) -> BertEncoder:
         """A BERT sized to this tokenizer's vocabulary (its [MASK] id is the mask token)."""

@@ -18,8 +18,9 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from pipeline import registry
-from pipeline.config import ConfigError, build
+from pipeline.config import ConfigError, build, dump
 from pipeline.data.loader import LoaderConfig
+from pipeline.encoders import saved
 from pipeline.encoders.base import EncoderConfig
 from pipeline.stage import Context, StageConfig
 from pipeline.train.loop import TrainerConfig
@@ -40,23 +41,30 @@ class Config(TrainerConfig, StageConfig):
     @field_validator("objectives")
     @classmethod
     def _known(cls, v: dict[str, dict]) -> dict[str, dict]:
+        """Each objective's settings resolved when the recipe loads: typos fail then, and the stage's
+        ``config.yaml``, hash and checkpoints hold every default."""
         if not v:
             raise ValueError("name at least one objective, e.g. {mae: {}}")
+        resolved = {}
         for name, settings in v.items():
-            objective_config(name, settings)  # typos inside an objective fail when the recipe loads
-        return v
+            kind, _, ocfg = objective_config(name, settings)
+            resolved[name] = {"objective": kind, **dump(ocfg)}
+        return resolved
 
 
 def objective_config(name: str, settings: dict | None):
+    """(kind, module, config) of objective ``name``: kind is ``settings.objective`` or the name itself."""
     settings = dict(settings or {})
     kind = settings.pop("objective", name)
     module = registry.module("objective", kind)
-    return module, build(module.Config, settings, f"objectives.{name} ({kind})")
+    return kind, module, build(module.Config, settings, f"objectives.{name} ({kind})")
 
 
 def inputs(cfg: Config, ctx: Context) -> list[str]:
     shards = [s for n in cfg.sources for s in _as_list(ctx.source(n).shards)] if ctx.sources else []
-    return [str(ctx.path(p)) for p in shards] + [str(ctx.path(e.init_from)) for e in cfg.encoders.values() if e.init_from]
+    starts = [e.init_from for e in cfg.encoders.values() if e.init_from]
+    starts += [o["init_from"] for o in cfg.objectives.values() if o.get("init_from")]
+    return [str(ctx.path(p)) for p in shards + starts]
 
 
 def run(cfg: Config, ctx: Context) -> dict:
@@ -67,7 +75,7 @@ def run(cfg: Config, ctx: Context) -> dict:
     from pipeline.train.learner import Learner
     from pipeline.train.loop import train
 
-    built = {name: objective_config(name, s) for name, s in cfg.objectives.items()}
+    built = {name: objective_config(name, s) for name, s in cfg.objectives.items()}  # name → (kind, module, cfg)
     # several objectives see different batches (a mixture), so some parameters sit out some steps
     ddp = DistributedDataParallelKwargs(find_unused_parameters=len(built) > 1)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
@@ -75,44 +83,57 @@ def run(cfg: Config, ctx: Context) -> dict:
                  accelerator.distributed_type.value, accelerator.mixed_precision, accelerator.device.type)
     torch.manual_seed(ctx.seed)  # the same initial weights on every process and every run
 
-    needed = sorted({m for module, ocfg in built.values() for m in _modalities(ocfg)})
-    mods = {m: registry.modality(m)(ctx.modality_config(m)) for m in needed}
-    encoders = {}
+    needed = sorted({m for _, _, ocfg in built.values() for m in ocfg.reads()})
+    mods, encoders = {}, {}
     for m in needed:
-        ecfg = cfg.encoders.get(m, EncoderConfig())
-        if ecfg.init_from:
-            ecfg = ecfg.model_copy(update={"init_from": str(ctx.path(ecfg.init_from))})
-        try:
-            encoders[m] = mods[m].encoder(ecfg)
-        except ConfigError as e:
-            raise ConfigError(f"encoders.{m}: {e}") from None
-    objectives = {name: module.Objective(ocfg, encoders, name, ctx.seed) for name, (module, ocfg) in built.items()}
+        mods[m], encoders[m] = build_encoder(m, cfg.encoders.get(m, EncoderConfig()), ctx)
+    objectives = {}
+    for name, (kind, module, ocfg) in built.items():
+        objectives[name] = module.Objective(ocfg, encoders, name, ctx.seed)
+        if ocfg.init_from:
+            saved.load_heads_into(objectives[name], kind, ctx.path(ocfg.init_from), f"objectives.{name}")
     learner = Learner(encoders, objectives)
     loader = StreamingLoader(_sources(cfg, ctx, needed), cfg.loader, {m: mods[m].cfg for m in needed}, seed=ctx.seed,
                              rank=accelerator.process_index, world_size=accelerator.num_processes, base_dir=ctx.base_dir)
     resolved = cfg.model_dump(mode="json")
     summary = train(learner, loader, cfg, ctx.out_dir, accelerator, resolved, progress=ctx.progress)
-    export(learner, ctx.out_dir / "encoders", accelerator)
-    ctx.log.info("trained %d steps; encoders in %s", summary["step"], ctx.out_dir / "encoders")
+    export(learner, mods, {name: kind for name, (kind, _, _) in built.items()}, ctx.out_dir, accelerator)
+    ctx.log.info("trained %d steps; encoders in %s, heads in %s", summary["step"], ctx.out_dir / "encoders",
+                 ctx.out_dir / "heads")
     return summary
 
 
-def export(learner, out: Path, accelerator) -> None:
-    """Each encoder of ``learner`` as a stock transformers model (+ tokenizer) in ``out/<modality>``.
+def build_encoder(m: str, ecfg: EncoderConfig, ctx: Context):
+    """(modality, encoder) of modality ``m``: from the recipe's settings, or from an ``init_from``
+    directory whose saved settings fill in what the recipe leaves out (and must agree with it)."""
+    mcfg = ctx.modality_config(m)
+    try:
+        if ecfg.init_from:
+            start = ctx.path(ecfg.init_from)
+            ecfg, mcfg = saved.merge(start, ecfg, mcfg, m, f"encoders.{m}")
+            ecfg = ecfg.model_copy(update={"init_from": str(start)})
+        mod = registry.modality(m)(mcfg)
+        return mod, mod.encoder(ecfg)
+    except ConfigError as e:
+        raise ConfigError(e if str(e).startswith(("encoders.", "modalities.")) else f"encoders.{m}: {e}") from None
+
+
+def export(learner, mods: dict, kinds: dict[str, str], out: Path, accelerator) -> None:
+    """Each encoder of ``learner`` in ``out/encoders/<modality>`` (a stock transformers model,
+    its tokenizer for text, and ``selfsup.json``), each objective's heads in ``out/heads/<name>``.
     The weights come from the learner's whole state dict, which Accelerate gathers from every
     process's shard under FSDP (a collective: every process calls this), then process 0 writes."""
     weights = accelerator.get_state_dict(learner)
     if accelerator.is_main_process:
         for m, enc in learner.encoders.items():
-            prefix = f"encoders.{m}.model."
-            enc.save_pretrained(out / m, state_dict={k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
-            if getattr(enc, "tokenizer", None) is not None:
-                enc.tokenizer.save_pretrained(str(out / m))
+            saved.save(enc, mods[m], out / "encoders" / m, _under(weights, f"encoders.{m}.model."))
+        for name, obj in learner.objectives.items():
+            saved.save_heads(obj, kinds[name], out / "heads" / name, _under(weights, f"objectives.{name}."))
     accelerator.wait_for_everyone()
 
 
-def _modalities(ocfg) -> list[str]:
-    return list(getattr(ocfg, "modalities", None) or [ocfg.modality])
+def _under(weights: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
 def _sources(cfg: Config, ctx: Context, needed: list[str]) -> dict:

@@ -5,6 +5,7 @@ export contract: stock ``transformers.AutoModel`` loads ``save_pretrained`` and 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -319,3 +320,130 @@ def test_bad_sizes_are_config_errors():
         image(image.Config(size=32)).encoder(EncoderConfig(hidden_size=100))
     with pytest.raises(ConfigError, match=r"^encoder.patch_size: 16 does not tile the 28×28 input"):
         image(image.Config(size=28)).encoder(EncoderConfig())
+
+
+# ---------------------------------------------------------------- saved encoder directories and heads
+
+
+def _two_stage_recipe(tmp_path: Path, second_encoders: dict, second_modalities: dict | None = None) -> Path:
+    """A recipe whose first stage trains a ViT with patch 4 and [CLS] pooling (MAE), and whose
+    second starts an image–text CLIP stage from it with the given encoder settings."""
+    import yaml
+    from conftest import STARTER
+
+    recipe = {
+        "name": "chain",
+        "sources": {"emoji": {"shards": str(STARTER / "emoji" / "test"), "modalities": ["image", "text"]}},
+        "modalities": {"image": {"size": 32}, "text": {"tokenizer": "{run}/tokenize", "max_length": 16},
+                       **(second_modalities or {})},
+        "stages": [
+            {"name": "tokenize", "shards": [str(STARTER / "emoji" / "test")], "vocab_size": 300},
+            {"name": "a", "stage": "pretrain", "sources": ["emoji"], "steps": 2,
+             "objectives": {"mae": {"decoder_width": 32, "decoder_heads": 2, "decoder_layers": 1}},
+             "encoders": {"image": {**TINY_SAVED, "patch_size": 4, "pooling": "cls"}},
+             "loader": {"batch_size": 8, "num_workers": 0}},
+            {"name": "b", "stage": "pretrain", "sources": ["emoji"], "steps": 2, "objectives": {"clip": {}},
+             "encoders": {"image": {"init_from": "{run}/a/encoders/image", **second_encoders},
+                          "text": TINY_SAVED},
+             "loader": {"batch_size": 8, "num_workers": 0}},
+        ],
+    }
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+TINY_SAVED = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
+
+
+def test_a_saved_encoder_carries_its_settings_and_its_heads_give_the_same_features(tmp_path):
+    """The second stage names only ``init_from``: patch size, pooling and width come from the
+    first stage's ``selfsup.json``. The CLIP heads load back around the saved encoders and
+    compute the features the training-time objective computed."""
+    from pipeline.encoders import saved
+    from pipeline.runner import run_recipe
+
+    run = run_recipe(_two_stage_recipe(tmp_path, {}), runs=tmp_path / "runs", progress=False)
+    info = saved.settings(run / "b" / "encoders" / "image")
+    assert info["modality"] == "image" and info["encoder"]["patch_size"] == 4 and info["encoder"]["pooling"] == "cls"
+    assert info["modality_settings"]["size"] == 32
+    text_info = saved.settings(run / "b" / "encoders" / "text")
+    assert text_info["modality_settings"]["tokenizer"] == "."  # the tokenizer travels with the encoder
+
+    mods, encoders = {}, {}
+    for m in ("image", "text"):
+        mods[m], encoders[m] = saved.load(run / "b" / "encoders" / m)  # from the directory alone
+    assert encoders["image"].patch_size == 4 and encoders["image"].cfg.pooling == "cls"
+    clip = saved.load_heads(run / "b" / "heads" / "clip", encoders)
+    assert sorted(p.name for p in (run / "b" / "heads").iterdir()) == ["clip"]
+
+    # the training-time objective, rebuilt from the last checkpoint's weights
+    from safetensors.torch import load_file
+
+    from pipeline.objectives import clip as clip_module
+    from pipeline.train.learner import Learner
+
+    fresh = {m: saved.load(run / "a" / "encoders" / m)[1] if m == "image" else mods[m].encoder(encoders[m].cfg)
+             for m in ("image", "text")}
+    learner = Learner(fresh, {"clip": clip_module.Objective(clip.cfg, fresh, "clip")})
+    learner.load_state_dict(load_file(run / "b" / "checkpoints" / "step_00000002" / "model.safetensors"))
+    learner.eval()
+    batch = {"image": mods["image"].collate([mods["image"].transform(mods["image"].decode(_emoji_png(i), "png"), None)
+                                             for i in range(4)]),
+             "text": mods["text"].collate([mods["text"].transform(t, None) for t in ("cat", "dog", "red apple", "sun")])}
+    with torch.no_grad():
+        for m in ("image", "text"):
+            assert torch.allclose(clip.features(batch, m), learner.objectives["clip"].features(batch, m), atol=1e-6)
+
+
+def _emoji_png(i: int) -> bytes:
+    from conftest import STARTER
+
+    from pipeline.data.shards import iter_samples, open_shards
+
+    shard = open_shards(str(STARTER / "emoji" / "test")).shards[0].path
+    return next(s for j, s in enumerate(iter_samples(shard)) if j == i)["png"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"patch_size": 8}, r"encoders.image.patch_size: 8 disagrees with 4 in .*selfsup.json"),
+    ({"num_layers": 2}, r"encoders.image.num_layers: 2 disagrees with 1 in "),
+])
+def test_a_setting_that_disagrees_with_the_saved_encoder_is_one_line_naming_it(tmp_path, setting, message):
+    from pipeline.runner import run_recipe
+
+    with pytest.raises(ConfigError, match=message) as err:
+        run_recipe(_two_stage_recipe(tmp_path, setting), runs=tmp_path / "runs", progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_free_settings_may_differ_modality_settings_must_agree(tmp_path):
+    """Pooling and dropout shape no weight: a later stage may change them. An image size other than
+    the one the encoder was trained at is a one-line error naming the modality setting."""
+    from modalities.image import ImageConfig
+    from pipeline.encoders import saved
+    from pipeline.runner import run_recipe
+
+    recipe = _two_stage_recipe(tmp_path, {"pooling": "mean", "dropout": 0.1})
+    run = run_recipe(recipe, ["stages.b.steps=1"], runs=tmp_path / "runs", progress=False)
+    assert saved.settings(run / "b" / "encoders" / "image")["encoder"]["pooling"] == "mean"
+    start = run / "a" / "encoders" / "image"
+    with pytest.raises(ConfigError, match=r"modalities.image.size: 64 disagrees with 32 the encoder .* was trained with"):
+        saved.merge(start, EncoderConfig(), ImageConfig(size=64), "image", "encoders.image")
+    merged, mcfg = saved.merge(start, EncoderConfig(), ImageConfig(size=32, hflip=False), "image", "encoders.image")
+    assert merged.patch_size == 4 and mcfg.size == 32 and mcfg.hflip is False
+
+
+def test_a_plain_stock_directory_still_loads(tmp_path):
+    """A ViT saved by transformers itself (no ``selfsup.json``) loads with settings from its config."""
+    from transformers import ViTConfig, ViTModel
+
+    from pipeline.encoders import saved
+
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=16, patch_size=4, num_channels=3)).save_pretrained(tmp_path / "vit")
+    mod, enc = saved.load(tmp_path / "vit")
+    assert mod.name == "image" and mod.cfg.size == 16 and enc.patch_size == 4 and enc.hidden_size == 32
+    assert enc.embed(torch.zeros(2, 3, 16, 16)).shape == (2, 32)
+    with pytest.raises(ConfigError, match="not an encoder directory"):
+        saved.load(tmp_path)

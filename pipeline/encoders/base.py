@@ -101,7 +101,13 @@ class Encoder(nn.Module):
     model_kwargs: ClassVar[dict] = {}
     #: config fields that fix the weights' shapes; ``init_from`` must match them
     architecture: ClassVar[tuple[str, ...]] = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    #: the stock family (``selfsup.json`` records it)
+    family: ClassVar[str]
     num_prefix_tokens = 0
+    #: capabilities objectives ask for instead of probing attributes: per-position input values to
+    #: reconstruct (``patchify``: MAE), a tokenizer whose ids it reads (``tokenizer``: MLM)
+    has_patches: ClassVar[bool] = False
+    has_tokenizer: ClassVar[bool] = False
     #: fraction of positions a masked-prediction objective hides by default (data2vec): BERT's 15 %
     #: for tokens, data2vec's 60 % for patches
     default_mask_ratio: ClassVar[float] = 0.15
@@ -172,7 +178,7 @@ class Encoder(nn.Module):
             raise ConfigError(f"{where}.init_from: {path}: no config.json (not a save_pretrained directory)")
         saved, ours = json.loads(config_file.read_text()), json.loads(self.model.config.to_json_string(use_diff=False))
         for key in ("model_type", *self.architecture):
-            if saved.get(key) != ours.get(key):
+            if _square(saved.get(key)) != _square(ours.get(key)):
                 raise ConfigError(f"{where}.init_from: {path} holds a {saved.get('model_type')} with {key} "
                                   f"{saved.get(key)}, this encoder has {ours.get(key)}; use the earlier stage's settings")
         loaded = type(self.model).from_pretrained(str(path), **self.model_kwargs)
@@ -225,3 +231,8 @@ def rows_of(mask: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Te
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :size]  # True positions first
     valid = torch.arange(size, device=mask.device) < counts.unsqueeze(1)
     return torch.where(valid, order, 0) + offset, valid
+
+
+def _square(value):
+    """A ViT size as [rows, columns] (transformers accepts 16 and [16, 16] alike)."""
+    return [value, value] if isinstance(value, int) and not isinstance(value, bool) else value

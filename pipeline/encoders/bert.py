@@ -17,6 +17,8 @@ class BertEncoder(Encoder):
     """A BERT over ``{"input_ids", "attention_mask"}`` [B, L]; the positions are the L tokens
     (the tokenizer's [CLS]/<s> is one of them, so ``num_prefix_tokens == 0``)."""
 
+    family = "bert"
+    has_tokenizer = True
     model_kwargs: ClassVar[dict] = {"add_pooling_layer": False}
     architecture = Encoder.architecture + ("vocab_size", "max_position_embeddings", "type_vocab_size")
 

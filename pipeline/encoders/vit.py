@@ -19,6 +19,8 @@ class ViTEncoder(Encoder):
 
     model_kwargs: ClassVar[dict] = {"add_pooling_layer": False, "use_mask_token": True}
     architecture = Encoder.architecture + ("image_size", "patch_size", "num_channels")
+    family = "vit"
+    has_patches = True
     num_prefix_tokens = 1
     default_mask_ratio = 0.6
 

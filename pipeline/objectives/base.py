@@ -22,6 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from pipeline.config import Config, ConfigError
+from pipeline.data.batch import SOURCE, step_of
 
 if TYPE_CHECKING:
     from pipeline.encoders.base import Encoder
@@ -32,6 +33,21 @@ class ObjectiveConfig(Config):
 
     #: weight of this objective's loss in the stage's sum
     weight: float = Field(1.0, gt=0)
+    #: heads directory an earlier stage wrote (``<stage>/heads/<objective>``): continue from its weights
+    init_from: str | None = None
+
+    def reads(self) -> tuple[str, ...]:
+        """The modalities (batch keys) the objective reads: the one way to ask it."""
+        raise NotImplementedError
+
+
+class SingleModalityConfig(ObjectiveConfig):
+    """Settings of an objective that trains one encoder (MAE, MLM, data2vec)."""
+
+    modality: str
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.modality,)
 
 
 class Objective(nn.Module):
@@ -50,8 +66,8 @@ class Objective(nn.Module):
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        """The batch keys this objective reads."""
-        raise NotImplementedError
+        """The batch keys this objective reads (``cfg.reads()``)."""
+        return self.cfg.reads()
 
     def applies(self, batch: dict) -> bool:
         return all(m in batch for m in self.modalities)
@@ -73,7 +89,7 @@ class Objective(nn.Module):
     def generators(self, batch: dict) -> list[torch.Generator]:
         from pipeline.data.seeding import hash_int
 
-        step, source = batch.get("__step__", 0), batch.get("__source__", "")
+        step, source = step_of(batch), batch.get(SOURCE, "")
         return [torch.Generator().manual_seed(hash_int(self.seed, self.name, step, source, key) >> 1)
                 for key in batch["__key__"]]
 

@@ -35,6 +35,9 @@ class Config(ObjectiveConfig):
     #: each process scores only its own rows against the global batch (less memory, same gradient)
     local_loss: bool = False
 
+    def reads(self) -> tuple[str, ...]:
+        return tuple(self.modalities)
+
     @field_validator("modalities")
     @classmethod
     def _two(cls, v: list[str]) -> list[str]:
@@ -56,16 +59,6 @@ class Objective(Base):
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.init_temperature)))
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}  # micro-batch keys → features without grad
         self._order: list[tuple] = []
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return tuple(self.cfg.modalities)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "logit_scale"
-        if key in state_dict and state_dict[key].ndim == 0:  # checkpoints from before it was [1]
-            state_dict[key] = state_dict[key].reshape(1)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def features(self, batch: dict, m: str) -> torch.Tensor:
         """[B, E] L2-normalized projection of the pooled embedding of modality ``m``."""

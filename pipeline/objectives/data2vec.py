@@ -22,10 +22,10 @@ from torch import nn
 
 from pipeline.encoders.base import rows_of
 from pipeline.objectives.base import Objective as Base
-from pipeline.objectives.base import ObjectiveConfig
+from pipeline.objectives.base import SingleModalityConfig
 
 
-class Config(ObjectiveConfig):
+class Config(SingleModalityConfig):
     modality: str = "image"
     #: fraction of maskable positions hidden from the student (default: 60 % of patches, 15 % of tokens)
     mask_ratio: float | None = Field(None, gt=0, lt=1)
@@ -57,9 +57,6 @@ class Objective(Base):
         self.mask_ratio = cfg.mask_ratio or enc.default_mask_ratio
         self.head = nn.Linear(enc.hidden_size, enc.hidden_size)
 
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return (self.cfg.modality,)
 
     def train(self, mode: bool = True):
         super().train(mode)

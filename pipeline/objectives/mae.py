@@ -18,10 +18,10 @@ from torch import nn
 from pipeline.config import ConfigError
 from pipeline.encoders.base import take
 from pipeline.objectives.base import Objective as Base
-from pipeline.objectives.base import ObjectiveConfig
+from pipeline.objectives.base import SingleModalityConfig
 
 
-class Config(ObjectiveConfig):
+class Config(SingleModalityConfig):
     modality: str = "image"
     #: fraction of patches hidden from the encoder
     mask_ratio: float = Field(0.75, gt=0, lt=1)
@@ -38,7 +38,7 @@ class Objective(Base):
     def __init__(self, cfg: Config, encoders, name: str = "mae", seed: int = 0):
         super().__init__(cfg, encoders, name, seed)
         enc = encoders[cfg.modality]
-        if not hasattr(enc, "num_patches"):
+        if not enc.has_patches:
             raise ConfigError(f"objectives.{name}.modality: {cfg.modality} has no patches to reconstruct; "
                               f"MAE trains patch encoders (image, audio), use mlm or data2vec for text")
         if cfg.decoder_width % cfg.decoder_heads:
@@ -57,9 +57,6 @@ class Objective(Base):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return (self.cfg.modality,)
 
     def forward(self, batch: dict) -> dict:
         x = batch[self.cfg.modality]

@@ -19,10 +19,10 @@ from torch import nn
 from pipeline.config import ConfigError
 from pipeline.encoders.base import rows_of
 from pipeline.objectives.base import Objective as Base
-from pipeline.objectives.base import ObjectiveConfig
+from pipeline.objectives.base import SingleModalityConfig
 
 
-class Config(ObjectiveConfig):
+class Config(SingleModalityConfig):
     modality: str = "text"
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     #: of the selected tokens: share replaced by [MASK], share by a random token (the rest stay)
@@ -39,7 +39,7 @@ class Objective(Base):
         from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
         enc = encoders[cfg.modality]
-        if getattr(enc, "tokenizer", None) is None:
+        if not enc.has_tokenizer:
             raise ConfigError(f"objectives.{name}.modality: {cfg.modality} is not a token encoder; MLM trains text")
         if cfg.mask_replace_prob + cfg.random_replace_prob > 1:
             raise ConfigError(f"objectives.{name}: mask_replace_prob + random_replace_prob must be at most 1")
@@ -49,9 +49,6 @@ class Objective(Base):
         self.transform = BertPredictionHeadTransform(enc.model.config)
         self.bias = nn.Parameter(torch.zeros(enc.model.config.vocab_size))
 
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return (self.cfg.modality,)
 
     def mask(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids with masking applied, labels: original id at selected positions, -100 elsewhere)."""

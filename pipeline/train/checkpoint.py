@@ -116,8 +116,6 @@ def scatter(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: d
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
     params = dict(_module(model).named_parameters())
     saved = optimizer_state["state"]
-    if saved and all(k.isdigit() for k in saved):
-        saved = _by_name(model, optimizer, saved)
     unknown = sorted(set(saved) - set(params))
     if unknown:
         raise ConfigError(f"optimizer state for {unknown[0]}, which this model does not have ({len(unknown)} "
@@ -147,18 +145,6 @@ def _names(model: torch.nn.Module) -> dict[int, str]:
 def _order(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The optimizer's parameters in the order its state_dict numbers them."""
     return [p for g in optimizer.param_groups for p in g["params"]]
-
-
-def _by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> dict[str, dict]:
-    """State keyed by position (checkpoints written before it was keyed by name) → by name, each
-    tensor shaped as its parameter now is (CLIP's logit scale went from [] to [1])."""
-    names, order = _names(model), _order(optimizer)
-    out = {}
-    for i, entries in saved.items():
-        p = order[int(i)]
-        out[names[id(p)]] = {k: v.reshape(p.shape) if k != "step" and isinstance(v, torch.Tensor) and v.numel() == p.numel()
-                             else v for k, v in entries.items()}
-    return out
 
 
 def _whole(value):

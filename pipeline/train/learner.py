@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError
+from pipeline.data.batch import modalities_in
 from pipeline.encoders.base import Encoder
 from pipeline.objectives.base import Objective
 
@@ -45,7 +46,7 @@ class Learner(nn.Module):
             metrics.update({f"{name}/{k}": torch.as_tensor(v).detach() for k, v in out.items()})
             total = loss * obj.cfg.weight if total is None else total + loss * obj.cfg.weight
         if total is None:
-            have = sorted(k for k in batch if not k.startswith("__") and k != "cls")
+            have = modalities_in(batch)
             raise ConfigError(f"a batch of source {batch.get('__source__')!r} holds {have}: no objective of this "
                               f"stage trains on it; drop the source or add an objective for it")
         return {"loss": total, "metrics": metrics, "embeddings": embeddings}

@@ -26,6 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from pipeline.config import Config, ConfigError
+from pipeline.data.batch import STEP
 from pipeline.data.loader import to_device
 from pipeline.train import checkpoint, sharding
 from pipeline.train.health import HealthConfig, HealthError, Monitor, embedding_stats
@@ -108,7 +109,7 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
         lr = lr_at(step, cfg.optim, cfg.steps) * run["lr_scale"]
         for group in opt.param_groups:
             group["lr"] = lr
-        micro = [{**to_device(next(batches), accelerator.device), "__step__": step} for _ in range(k)]
+        micro = [{**to_device(next(batches), accelerator.device), STEP: step} for _ in range(k)]
         # objectives that couple micro-batches (CLIP) embed them all first (as a call of the
         # model: under FSDP, weights are gathered only around calls)
         with accelerator.autocast():  # Accelerate autocasts ``forward`` only
