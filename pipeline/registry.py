@@ -24,12 +24,15 @@ KINDS = {
 
 @cache
 def names(kind: str) -> tuple[str, ...]:
-    """Registered names of one kind (file names without ``.py``; files starting with ``_`` are private)."""
+    """Registered names of one kind: file names without ``.py``. Files starting with ``_`` are private,
+    and a module named ``base`` holds a kind's shared contract (``pipeline/evaluators/base.py``), not a
+    component, so neither is listed."""
     try:
         package = importlib.import_module(KINDS[kind])
     except ModuleNotFoundError:
         return ()
-    return tuple(sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")))
+    found = (m.name for m in pkgutil.iter_modules(package.__path__))
+    return tuple(sorted(name for name in found if not name.startswith("_") and name != "base"))
 
 
 def module(kind: str, name: str) -> ModuleType:
