@@ -69,7 +69,8 @@ def evaluate(cfg: Config, test: Features, class_emb: np.ndarray) -> list[Metric]
     if class_emb.ndim != 2 or class_emb.shape[1] != test.x.shape[1]:
         raise ValueError(f"zero_shot: class embeddings {class_emb.shape} do not match {test.x.shape[1]}-d features")
     if test.labels.min() < 0 or test.labels.max() >= c:
-        raise ValueError(f"zero_shot: labels must index the {c} class embeddings, got {test.labels.min()}..{test.labels.max()}")
+        raise ValueError(f"zero_shot: labels must index the {c} class embeddings, "
+                         f"got {test.labels.min()}..{test.labels.max()}")
     logits = _normalize(test.x) @ _normalize(class_emb).T  # [N, C] cosine similarities
     extra = {"classes": c, "templates": {m: len(t) for m, t in cfg.templates.items()}}
     metrics = []
@@ -83,7 +84,8 @@ def evaluate(cfg: Config, test: Features, class_emb: np.ndarray) -> list[Metric]
     present = np.unique(test.labels)
     recall = {int(k): float(hits[test.labels == k].mean()) for k in present}
     metrics.append(Metric(TASK, "mean_per_class_recall", float(np.mean(list(recall.values()))),
-                          bootstrap(hits, groups=test.labels), 1.0 / c, len(test), {**extra, "per_class_recall": recall}))
+                          bootstrap(hits, groups=test.labels), 1.0 / c, len(test),
+                          {**extra, "per_class_recall": recall}))
     return metrics
 
 
