@@ -11,6 +11,8 @@ A user mistake prints one line naming the file, key or setting, and exits with s
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -49,16 +51,15 @@ def _options(parser: argparse.ArgumentParser, command: list[str]) -> list[str]:
     return found
 
 
+#: plain commands (not recipe stages): name → module with ``add_arguments(parser)`` and ``run(args) -> int``
+COMMANDS = {"embed": "pipeline.evaluation.embed", "retrieve": "pipeline.export.retrieve"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     from pipeline import registry
-    from pipeline.config import ConfigError
-    from pipeline.data.loader import SampleError
-    from pipeline.data.shards import ShardError
-    from pipeline.train.health import HealthError
 
-    stages = registry.names("stage")
     parser = _Parser(prog="selfsup", description=__doc__.split("\n\n")[0])
     parser.command = argv[:1]  # which subcommand's options a misspelt flag is compared with
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -69,9 +70,31 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--only", action="append", help="run only this stage (repeatable)")
     run.add_argument("--force", action="store_true", help="rerun stages even when up to date")
     sub.add_parser("list", help="registered components")
-    for name in stages:
-        _stage_parser(sub, name)
+    # only the command asked for is imported (its options come from its Config); the others are
+    # listed from their docstrings, so `selfsup --help` imports no torch
+    chosen = argv[0] if argv else None
+    for name in registry.names("stage"):
+        if name == chosen:
+            _stage_parser(sub, name)
+        else:
+            sub.add_parser(name, help=registry.summary("stage", name))
+    for name, dotted in COMMANDS.items():
+        if not _exists(dotted):
+            continue
+        if name == chosen:
+            module = importlib.import_module(dotted)
+            p = sub.add_parser(name, help=registry.doc_line(dotted), description=(module.__doc__ or "").strip(),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+            module.add_arguments(p)
+            p.set_defaults(_command=module)
+        else:
+            sub.add_parser(name, help=registry.doc_line(dotted))
     args = parser.parse_args(argv)
+    from pipeline.config import ConfigError
+    from pipeline.data.loader import SampleError
+    from pipeline.data.shards import ShardError
+    from pipeline.train.health import HealthError
+
     try:
         if args.command == "run":
             return _run(args)
@@ -79,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             for kind, package in registry.KINDS.items():
                 print(f"{package.rsplit('.', 1)[-1]}: {', '.join(registry.names(kind)) or '-'}")
             return 0
+        if hasattr(args, "_command"):
+            return args._command.run(args)
         return _stage(args)
     except (ConfigError, ShardError, SampleError) as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
@@ -88,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _leave_process_group()
+
+
+def _exists(dotted: str) -> bool:
+    try:
+        return importlib.util.find_spec(dotted) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def _leave_process_group() -> None:
@@ -114,12 +146,11 @@ def _run(args) -> int:
 def _stage_parser(sub, name: str) -> None:
     from pipeline import registry
 
-    module = registry.module("stage", name)
-    doc = (module.__doc__ or "").strip()
-    p = sub.add_parser(name, help=doc.split("\n")[0], description=doc,
+    stage = registry.stage(name)
+    p = sub.add_parser(name, help=stage.doc.split("\n")[0], description=stage.doc,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    positional = getattr(module, "positional", ())
-    for field, info in module.Config.model_fields.items():
+    positional = stage.positional
+    for field, info in stage.Config.model_fields.items():
         help_text = info.description or ""
         if not info.is_required() and "default" not in help_text:
             default = info.get_default(call_default_factory=True)
@@ -135,7 +166,7 @@ def _stage_parser(sub, name: str) -> None:
         else:
             p.add_argument(flag, dest=field, default=argparse.SUPPRESS, help=help_text, metavar="VALUE")
     p.add_argument("--recipe", dest="_recipe", metavar="YAML", help="take sources and modality settings from this recipe")
-    if "out" not in module.Config.model_fields:
+    if "out" not in stage.Config.model_fields:
         p.add_argument("--out", dest="_out", default=None, metavar="DIR", help="output directory (default: runs/<stage>)")
     p.set_defaults(_stage_name=name)
 
@@ -146,26 +177,25 @@ def _stage(args) -> int:
     from pipeline.runner import load_recipe, run_stage
     from pipeline.stage import Context
 
-    module = registry.module("stage", args._stage_name)
+    stage = registry.stage(args._stage_name)
     raw: dict[str, Any] = {}
     for k, v in vars(args).items():
         if k.startswith("_") or k == "command":
             continue
         if isinstance(v, list):
             raw[k] = [parse_value(x) if not isinstance(x, str) or not Path(x).exists() else x for x in v]
-        elif isinstance(v, bool) or k in getattr(module, "positional", ()):
+        elif isinstance(v, bool) or k in stage.positional:
             raw[k] = v
         else:
             raw[k] = parse_value(v)
-    cfg = build(module.Config, raw, f"selfsup {args._stage_name}")
-    out = getattr(args, "_out", None) or raw.get("out")
-    ctx = Context(out_dir=Path(out or Path("runs") / args._stage_name))
-    if args._recipe:
+    cfg = build(stage.Config, raw, f"selfsup {args._stage_name}")
+    out = Path(getattr(args, "_out", None) or raw.get("out") or Path("runs") / args._stage_name)
+    if args._recipe:  # `{run}` is where `selfsup run` puts the recipe's stages
         recipe, modalities = load_recipe(args._recipe)
-        ctx.sources, ctx.modalities, ctx.seed = recipe.sources, modalities, recipe.seed
-        ctx.base_dir = Path(args._recipe).resolve().parent
-        ctx.run_dir = (Path("runs") / recipe.name).resolve()  # where `selfsup run` puts its stages: {run}
-    summary = run_stage(module, cfg, ctx, digest="cli", force=True, clear=False)
+        ctx = Context.of_recipe(recipe, modalities, args._recipe, Path("runs") / recipe.name, out)
+    else:
+        ctx = Context(out_dir=out)
+    summary = run_stage(stage, cfg, ctx, digest="cli", force=True, clear=False)
     status = summary.get("status", "ok") if isinstance(summary, dict) else "ok"
     return 1 if status == "failed" else 0
 

@@ -9,6 +9,7 @@ listing names costs no import of torch-heavy code.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 from functools import cache
 from types import ModuleType
@@ -38,6 +39,30 @@ def module(kind: str, name: str) -> ModuleType:
     if name not in names(kind):
         raise ConfigError(f"unknown {kind} {name!r}{_suggest(name, list(names(kind)))}; known: {', '.join(names(kind))}")
     return importlib.import_module(f"{KINDS[kind]}.{name}")
+
+
+@cache
+def stage(name: str):
+    """The ``pipeline.stage.Stage`` of ``stages/<name>.py``."""
+    from pipeline.stage import Stage
+
+    return Stage.of(module("stage", name))
+
+
+def summary(kind: str, name: str) -> str:
+    """First line of a component's docstring, read from its file without importing it (so that
+    listing commands costs no import of torch)."""
+    return doc_line(f"{KINDS[kind]}.{name}")
+
+
+def doc_line(dotted: str) -> str:
+    """First paragraph of the docstring of module ``dotted``, on one line, without importing it."""
+    import ast
+
+    spec = importlib.util.find_spec(dotted)
+    with open(spec.origin, encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    return " ".join(doc.strip().split("\n\n")[0].split())
 
 
 @cache

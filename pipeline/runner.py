@@ -23,7 +23,7 @@ from pydantic import Field
 from pipeline import registry
 from pipeline.config import Config, ConfigError, apply_overrides, build, dump, load_yaml
 from pipeline.data.loader import SourceConfig
-from pipeline.stage import Context
+from pipeline.stage import Context, Stage, StageConfig
 
 log = logging.getLogger("selfsup")
 
@@ -60,14 +60,14 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, di
     return recipe, modalities
 
 
-def stage_config(entry: dict, where: str):
+def stage_config(entry: dict, where: str) -> tuple[Stage, StageConfig]:
     kind = entry.get("stage", entry["name"])
     try:
-        module = registry.module("stage", kind)
+        stage = registry.stage(kind)
     except ConfigError as e:
         raise ConfigError(f"{where}: stages.{entry['name']}: {e}") from None
     settings = {k: v for k, v in entry.items() if k not in ("name", "stage")}
-    return module, build(module.Config, settings, f"{where}: stages.{entry['name']} ({kind})")
+    return stage, build(stage.Config, settings, f"{where}: stages.{entry['name']} ({kind})")
 
 
 def run_recipe(path: str | Path, overrides: list[str] = (), runs: str | Path = "runs",
@@ -84,18 +84,17 @@ def run_recipe(path: str | Path, overrides: list[str] = (), runs: str | Path = "
         raise ConfigError(f"--only: no stage named {unknown[0]!r} in {path}")
     chain = hashlib.sha256(json.dumps({"sources": resolved["sources"], "modalities": resolved["modalities"],
                                        "seed": recipe.seed}, sort_keys=True).encode()).hexdigest()
-    for entry, module, cfg in planned:
-        ctx = Context(out_dir=run_dir / entry["name"], base_dir=path.resolve().parent, sources=recipe.sources,
-                      modalities=modalities, seed=recipe.seed, run_dir=run_dir.resolve(), progress=progress)
-        inputs = module.inputs(cfg, ctx) if hasattr(module, "inputs") else []
+    for entry, stage, cfg in planned:
+        ctx = Context.of_recipe(recipe, modalities, path, run_dir, run_dir / entry["name"], progress)
+        inputs = stage.inputs(cfg, ctx)
         chain = _hash(chain, entry.get("stage", entry["name"]), dump(cfg), [fingerprint(Path(p)) for p in inputs])
         if only and entry["name"] not in only:
             continue
-        run_stage(module, cfg, ctx, chain, force)
+        run_stage(stage, cfg, ctx, chain, force)
     return run_dir
 
 
-def run_stage(module, cfg, ctx: Context, digest: str, force: bool = False, clear: bool = True) -> dict:
+def run_stage(stage: Stage, cfg, ctx: Context, digest: str, force: bool = False, clear: bool = True) -> dict:
     """Run one stage into ``ctx.out_dir`` unless up to date; ``clear=False`` never deletes files there.
 
     Under a multi-process launch (``accelerate launch``, torchrun) process 0 owns the stage
@@ -103,7 +102,7 @@ def run_stage(module, cfg, ctx: Context, digest: str, force: bool = False, clear
     done_file, started = ctx.out_dir / "done.json", ctx.out_dir / "stage.json"
     rank, world, launch = _launch()
     if world > 1 and rank != 0:
-        return _follow(module, cfg, ctx, digest, force, launch)
+        return _follow(stage, cfg, ctx, digest, force, launch)
     if not force and done_file.is_file() and json.loads(done_file.read_text()).get("hash") == digest:
         log.info("%s: up to date, skipped", ctx.out_dir.name)
         return json.loads(done_file.read_text())["summary"]
@@ -116,7 +115,7 @@ def run_stage(module, cfg, ctx: Context, digest: str, force: bool = False, clear
     _write(ctx.out_dir / "config.yaml", yaml.safe_dump(dump(cfg), sort_keys=False))
     log.info("%s: running", ctx.out_dir.name)
     t0 = time.time()
-    summary = module.run(cfg, ctx) or {}
+    summary = stage.run(cfg, ctx) or {}
     _write(done_file, json.dumps({"hash": digest, "seconds": round(time.time() - t0, 2), "summary": summary,
                                   "launch": launch}, indent=1, default=str))
     return summary
@@ -129,9 +128,9 @@ def _launch() -> tuple[int, int, str]:
     return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), run_id
 
 
-def _follow(module, cfg, ctx: Context, digest: str, force: bool, launch: str) -> dict:
-    """A process other than 0 of a launch. A stage that runs on many processes (its module sets
-    ``distributed = True``: pretrain) starts once process 0 has prepared the directory for this
+def _follow(stage: Stage, cfg, ctx: Context, digest: str, force: bool, launch: str) -> dict:
+    """A process other than 0 of a launch. A stage that runs on many processes (``distributed``:
+    pretrain) starts once process 0 has prepared the directory for this
     launch; any other stage is process 0's alone, and this one waits for its ``done.json``."""
     def ready(path: Path, need_launch: bool) -> dict | None:
         try:
@@ -148,9 +147,9 @@ def _follow(module, cfg, ctx: Context, digest: str, force: bool, launch: str) ->
     done = ready(ctx.out_dir / "done.json", need_launch=force)
     if done is not None:
         return done["summary"]
-    if getattr(module, "distributed", False):
+    if stage.distributed:
         wait(ctx.out_dir / "stage.json", need_launch=True)
-        return module.run(cfg, ctx) or {}
+        return stage.run(cfg, ctx) or {}
     return wait(ctx.out_dir / "done.json", need_launch=True)["summary"]
 
 

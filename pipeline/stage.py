@@ -2,8 +2,10 @@
 
 A stage module defines ``Config`` (a ``StageConfig``) and ``run(cfg, ctx) -> dict``; the dict is a
 short summary stored in the stage's ``done.json``. Optional: ``positional`` (config fields taken
-as positional command-line arguments) and ``inputs(cfg, ctx) -> list[str]`` (files whose content
-decides whether the stage must run again). Stages are thin: they wire configs to the engine.
+as positional command-line arguments), ``inputs(cfg, ctx) -> list[str]`` (files whose content
+decides whether the stage must run again) and ``distributed = True`` (every process of a launch
+runs it, not process 0 alone). ``Stage.of(module)`` checks a module against this contract once
+and is what the runner and the command line use. Stages are thin: they wire configs to the engine.
 """
 
 from __future__ import annotations
@@ -11,13 +13,40 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Callable
 
 from pipeline.config import Config, ConfigError
 
 
 class StageConfig(Config):
     """Base of every stage's settings."""
+
+
+def _no_inputs(cfg, ctx) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage module seen through its contract."""
+
+    name: str
+    Config: type[StageConfig]
+    run: Callable[[StageConfig, "Context"], dict | None]
+    inputs: Callable[[StageConfig, "Context"], list[str]] = _no_inputs
+    positional: tuple[str, ...] = ()
+    distributed: bool = False
+    doc: str = ""
+
+    @classmethod
+    def of(cls, module: ModuleType) -> Stage:
+        name = module.__name__.rsplit(".", 1)[-1]
+        config, run = getattr(module, "Config", None), getattr(module, "run", None)
+        if not (isinstance(config, type) and issubclass(config, StageConfig)) or not callable(run):
+            raise ConfigError(f"{module.__file__}: a stage module defines Config (a StageConfig) and run(cfg, ctx)")
+        return cls(name, config, run, getattr(module, "inputs", _no_inputs), tuple(getattr(module, "positional", ())),
+                   bool(getattr(module, "distributed", False)), (module.__doc__ or "").strip())
 
 
 @dataclass
@@ -49,6 +78,14 @@ class Context:
             text = text.replace("{run}", str(self.run_dir))
         p = Path(text)
         return p if p.is_absolute() else self.base_dir / p
+
+    @classmethod
+    def of_recipe(cls, recipe, modalities: dict, recipe_path: str | Path, run_dir: Path, out_dir: Path,
+                  progress: bool = True) -> Context:
+        """The context of a stage of ``recipe`` (a ``pipeline.runner.Recipe``): paths relative to the
+        recipe's file, ``{run}`` = ``run_dir``."""
+        return cls(out_dir=out_dir, base_dir=Path(recipe_path).resolve().parent, sources=recipe.sources,
+                   modalities=modalities, seed=recipe.seed, run_dir=Path(run_dir).resolve(), progress=progress)
 
     def modality_config(self, name: str):
         """The recipe's settings of modality ``name`` (None if it gives none), ``{run}`` expanded."""
