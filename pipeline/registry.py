@@ -41,7 +41,6 @@ def module(kind: str, name: str) -> ModuleType:
     return importlib.import_module(f"{KINDS[kind]}.{name}")
 
 
-@cache
 def stage(name: str):
     """The ``pipeline.stage.Stage`` of ``stages/<name>.py``."""
     from pipeline.stage import Stage

@@ -75,3 +75,49 @@ def ranks_keys(ledger: Path) -> dict[int, list[str]]:
     """Every sample key a loader's ledger recorded, per process rank, in consumption order."""
     return {int(f.stem[4:]): [k for ln in f.read_text().splitlines() for k in json.loads(ln)["keys"]]
             for f in sorted(ledger.glob("rank*.jsonl"))}
+
+
+#: a one-layer encoder, for tests that train
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "patch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """96 labelled 12-px images in 8 shards, shared by the tests of one module."""
+    return image_shards(tmp_path_factory.mktemp("train") / "shards", n=96, per_shard=12)
+
+
+def tiny_mae(data: Path, seed: int = 0):
+    """A one-layer ViT with MAE on ``data`` (the ``data`` fixture) and its loader: (learner, loader)."""
+    import torch
+
+    from modalities.image import ImageConfig
+    from modalities.image import Modality as Image
+    from pipeline.data.loader import LoaderConfig, SourceConfig, StreamingLoader
+    from pipeline.encoders.base import EncoderConfig
+    from pipeline.objectives import mae
+    from pipeline.train.learner import Learner
+
+    torch.manual_seed(seed)
+    image = Image(ImageConfig(size=16))
+    encoders = {"image": image.encoder(EncoderConfig(**TINY))}
+    learner = Learner(encoders, {"mae": mae.Objective(mae.Config(decoder_width=32, decoder_heads=2, decoder_layers=1),
+                                                      encoders, "mae")})
+    loader = StreamingLoader({"imgs": SourceConfig(shards=str(data), modalities=["image"])},
+                             LoaderConfig(batch_size=8, num_workers=0), {"image": image.cfg}, seed=seed)
+    return learner, loader
+
+
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+def trainer_cfg(action: str, **kw):
+    """8 steps, a checkpoint every 2, health checked every step with ``action``."""
+    from pipeline.train.health import HealthConfig
+    from pipeline.train.loop import OptimConfig, TrainerConfig
+
+    return TrainerConfig(steps=8, checkpoint_every=2, log_every=1, optim=OptimConfig(lr=1e-3, warmup_steps=1),
+                         health=HealthConfig(action=action, every=1, **kw))

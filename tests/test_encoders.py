@@ -4,7 +4,6 @@ export contract: stock ``transformers.AutoModel`` loads ``save_pretrained`` and 
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
@@ -14,46 +13,31 @@ from transformers import AutoModel
 
 from pipeline import registry
 from pipeline.config import ConfigError, build
-from pipeline.data.shards import write_shards
 from pipeline.encoders.base import PRESETS, EncoderConfig, rows_of, take
 from pipeline.encoders.vit import ViTEncoder
-from pipeline.stage import Context
-from stages import tokenize
 
 CFG = EncoderConfig(size="tiny", patch_size=8)
-WORDS = ["a", "red", "fox", "runs", "over", "the", "lazy", "dog", "while", "small", "birds", "sing", "in", "green",
-         "trees", "at", "night"]
-
-
-def _tokenizer(tmp) -> str:
-    rng = random.Random(0)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(60)]
-    write_shards(list(enumerate(texts)), lambda it: {"__key__": f"t{it[0]:03d}", "txt": it[1].encode()}, tmp / "shards",
-                 max_count=60, compress=False, workers=1, progress=False)
-    tokenize.run(tokenize.Config(shards=[str(tmp / "shards")], vocab_size=120, min_frequency=1),
-                 Context(out_dir=tmp / "tok", progress=False))
-    return str(tmp / "tok")
 
 
 #: per modality: a small config and raw items fed through ``encode``, ``decode``, ``transform``, ``collate``
 SETUPS = {
-    "image": lambda tmp: ({"size": 32, "channels": 3},
+    "image": lambda tok: ({"size": 32, "channels": 3},
                           [np.random.default_rng(i).integers(0, 256, (40, 36, 3), dtype=np.uint8) for i in range(3)]),
-    "text": lambda tmp: ({"tokenizer": _tokenizer(tmp), "max_length": 16},
+    "text": lambda tok: ({"tokenizer": tok, "max_length": 16},
                          ["the red fox", "small birds sing in green trees at night over the lazy dog", "a dog"]),
-    "audio": lambda tmp: ({"n_mels": 32, "clip_seconds": 0.5},  # 51 frames: the encoder keeps 48 (patch 8)
+    "audio": lambda tok: ({"n_mels": 32, "clip_seconds": 0.5},  # 51 frames: the encoder keeps 48 (patch 8)
                           [((torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.1).numpy(), 16000)
                            for n in (8000, 6000, 9000)]),
 }
 
 
 @pytest.fixture(scope="module", params=registry.names("modality"))
-def case(request, tmp_path_factory):
+def case(request, starter_tokenizer):
     """(modality, batch) for one registered modality."""
     name = request.param
     if name not in SETUPS:
         pytest.fail(f"modality {name!r}: add a small config and sample items to SETUPS in tests/test_encoders.py")
-    settings, raw = SETUPS[name](tmp_path_factory.mktemp(name))
+    settings, raw = SETUPS[name](starter_tokenizer)
     cls = registry.modality(name)
     modality = cls(cls.Config(**settings))
     raw = [modality.decode(*reversed(modality.encode(x))) for x in raw]  # raw item → shard bytes → decoded
