@@ -11,6 +11,7 @@ A user mistake prints one line naming the file, key or setting, and exits with s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--runs", default="runs", help="parent of the run directory (default: runs/)")
     run.add_argument("--only", action="append", help="run only this stage (repeatable)")
     run.add_argument("--force", action="store_true", help="rerun stages even when up to date")
+    run.add_argument("--break-lock", action="store_true",
+                     help="take the run directory's lock even if another host's command holds it")
     sub.add_parser("list", help="registered components")
     # only the command asked for is imported (its options come from its Config); the others are
     # listed from their docstrings, so `selfsup --help` imports no torch
@@ -138,7 +141,8 @@ def _run(args) -> int:
     if recipe and "=" in recipe and not Path(recipe).exists():  # `selfsup run seed=1`
         args.overrides.insert(0, recipe)
         recipe = None
-    run_dir = run_recipe(recipe or DEFAULT_RECIPE, args.overrides, runs=args.runs, only=args.only, force=args.force)
+    run_dir = run_recipe(recipe or DEFAULT_RECIPE, args.overrides, runs=args.runs, only=args.only, force=args.force,
+                         break_lock=args.break_lock)
     print(f"run directory: {run_dir}")
     return 0
 
@@ -172,9 +176,9 @@ def _stage_parser(sub, name: str) -> None:
 
 
 def _stage(args) -> int:
-    from pipeline import registry
+    from pipeline import lock, registry
     from pipeline.config import build, parse_value
-    from pipeline.runner import load_recipe, run_stage
+    from pipeline.runner import launch_info, load_recipe, run_stage
     from pipeline.stage import Context
 
     stage = registry.stage(args._stage_name)
@@ -195,7 +199,9 @@ def _stage(args) -> int:
         ctx = Context.of_recipe(recipe, modalities, args._recipe, Path("runs") / recipe.name, out)
     else:
         ctx = Context(out_dir=out)
-    summary = run_stage(stage, cfg, ctx, digest="cli", force=True, clear=False)
+    held = lock.hold(out) if launch_info()[0] == 0 else contextlib.nullcontext()  # one lock per launch
+    with held:
+        summary = run_stage(stage, cfg, ctx, digest="cli", force=True, clear=False)
     status = summary.get("status", "ok") if isinstance(summary, dict) else "ok"
     return 1 if status == "failed" else 0
 

@@ -8,10 +8,12 @@ checkpoint continue from there. When the settings changed, the stale directory i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -20,12 +22,13 @@ from typing import Any
 import yaml
 from pydantic import Field
 
-from pipeline import registry
+from pipeline import lock, registry
 from pipeline.config import Config, ConfigError, apply_overrides, build, dump, load_yaml
 from pipeline.data.loader import SourceConfig
 from pipeline.stage import Context, Stage, StageConfig
 
 log = logging.getLogger("selfsup")
+_PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "starter.yaml"
 
@@ -50,14 +53,24 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, di
         except ConfigError as e:
             raise ConfigError(f"{path}: modalities: {e}") from None
         modalities[name] = build(cls.Config, settings, f"{path}: modalities.{name}")
+    plain_name(recipe.name, f"{path}: name")
     names = [s.get("name") for s in recipe.stages]
     for i, entry in enumerate(recipe.stages):
         if not entry.get("name"):
             raise ConfigError(f"{path}: stages[{i}]: missing 'name'")
+        plain_name(entry["name"], f"{path}: stages[{i}].name")
         if names.count(entry["name"]) > 1:
             raise ConfigError(f"{path}: stages: name {entry['name']!r} is used twice")
         stage_config(entry, str(path))  # every stage's settings are checked before any stage runs
     return recipe, modalities
+
+
+def plain_name(name: Any, where: str) -> str:
+    """A run or stage name, which becomes a directory: one plain path component, never ``..``."""
+    if not isinstance(name, str) or not _PLAIN.fullmatch(name) or set(name) == {"."}:
+        raise ConfigError(f"{where}: {name!r} is not a plain name (letters, digits, '_', '-', '.'; it names a "
+                          f"directory, so no '/' and not '.' or '..')")
+    return name
 
 
 def stage_config(entry: dict, where: str) -> tuple[Stage, StageConfig]:
@@ -71,11 +84,20 @@ def stage_config(entry: dict, where: str) -> tuple[Stage, StageConfig]:
 
 
 def run_recipe(path: str | Path, overrides: list[str] = (), runs: str | Path = "runs",
-               only: list[str] | None = None, force: bool = False, progress: bool = True) -> Path:
+               only: list[str] | None = None, force: bool = False, progress: bool = True,
+               break_lock: bool = False) -> Path:
+    """Run the recipe's stages in order into ``runs/<name>/``, holding that directory's lock (process
+    0 of a launch takes it for all of them)."""
     path = Path(path)
     recipe, modalities = load_recipe(path, overrides)
     run_dir = Path(runs) / recipe.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    held = lock.hold(run_dir, break_lock) if launch_info()[0] == 0 else contextlib.nullcontext()
+    with held:
+        _run_stages(path, recipe, modalities, run_dir, only, force, progress)
+    return run_dir
+
+
+def _run_stages(path: Path, recipe: Recipe, modalities: dict, run_dir: Path, only, force: bool, progress: bool) -> None:
     resolved = {**dump(recipe), "modalities": {k: dump(v) for k, v in modalities.items()}}
     _write(run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
     planned = [(entry, *stage_config(entry, str(path))) for entry in recipe.stages]
@@ -91,7 +113,6 @@ def run_recipe(path: str | Path, overrides: list[str] = (), runs: str | Path = "
         if only and entry["name"] not in only:
             continue
         run_stage(stage, cfg, ctx, chain, force)
-    return run_dir
 
 
 def run_stage(stage: Stage, cfg, ctx: Context, digest: str, force: bool = False, clear: bool = True) -> dict:
@@ -100,14 +121,14 @@ def run_stage(stage: Stage, cfg, ctx: Context, digest: str, force: bool = False,
     Under a multi-process launch (``accelerate launch``, torchrun) process 0 owns the stage
     directory; the others follow it (``_follow``)."""
     done_file, started = ctx.out_dir / "done.json", ctx.out_dir / "stage.json"
-    rank, world, launch = _launch()
+    rank, world, launch = launch_info()
     if world > 1 and rank != 0:
         return _follow(stage, cfg, ctx, digest, force, launch)
     if not force and done_file.is_file() and json.loads(done_file.read_text()).get("hash") == digest:
         log.info("%s: up to date, skipped", ctx.out_dir.name)
         return json.loads(done_file.read_text())["summary"]
     if clear and ctx.out_dir.exists() and (force or not started.is_file() or json.loads(started.read_text()).get("hash") != digest):
-        shutil.rmtree(ctx.out_dir)  # settings changed (or forced): earlier partial work is stale
+        _clear(ctx.out_dir, started, force)
     elif started.is_file() and not done_file.is_file():
         log.info("%s: continuing an interrupted run", ctx.out_dir.name)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +142,25 @@ def run_stage(stage: Stage, cfg, ctx: Context, digest: str, force: bool = False,
     return summary
 
 
-def _launch() -> tuple[int, int, str]:
+def _clear(out_dir: Path, started: Path, force: bool) -> None:
+    """Make way for a stage whose settings changed (or that is forced). Work that cost training
+    time (checkpoints) is kept aside under the old settings' hash unless forced; the rest is stale."""
+    if not force and (out_dir / "checkpoints").is_dir():
+        try:
+            old = json.loads(started.read_text()).get("hash", "unknown")[:12]
+        except (OSError, ValueError):
+            old = "unknown"
+        aside = out_dir.with_name(f"{out_dir.name}.{old}")
+        n = 1
+        while aside.exists():
+            aside, n = out_dir.with_name(f"{out_dir.name}.{old}-{n}"), n + 1
+        os.replace(out_dir, aside)
+        log.warning("%s: settings changed; the earlier run (with checkpoints) is kept in %s", out_dir.name, aside)
+        return
+    shutil.rmtree(out_dir)
+
+
+def launch_info() -> tuple[int, int, str]:
     """(rank, number of processes, an id shared by the processes of this launch)."""
     env = os.environ
     run_id = env.get("TORCHELASTIC_RUN_ID") or f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"

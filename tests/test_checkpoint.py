@@ -3,6 +3,8 @@ writing one never changes the run."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import accelerator, tiny_mae, trainer_cfg
@@ -86,3 +88,39 @@ def test_optimizer_state_by_name_round_trips_and_stays_absent_where_it_was():
         checkpoint.scatter(model, opt, weights, {**written, "state": {"c.weight": {}}})
     with pytest.raises(ConfigError, match="no weight a.bias"):  # torch's loader would keep the current one
         checkpoint.scatter(model, opt, {k: v for k, v in weights.items() if k != "a.bias"}, written)
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(data, tmp_path, caplog):
+    """Resume reads the newest checkpoint that loads, naming the one it skipped and why."""
+    import logging
+
+    learner, loader = tiny_mae(data)
+    train(learner, loader, trainer_cfg("warn").model_copy(update={"steps": 4}), tmp_path, accelerator(), progress=False)
+    newest = tmp_path / "checkpoints" / "step_00000004" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # a copy cut short
+    with pytest.raises(checkpoint.CheckpointError, match=r"step_00000004/model.safetensors: unreadable"):
+        checkpoint.load(newest.parent)
+    learner, loader = tiny_mae(data)
+    with caplog.at_level(logging.INFO, logger="selfsup"):
+        summary = train(learner, loader, trainer_cfg("warn").model_copy(update={"steps": 6}), tmp_path, accelerator(),
+                        progress=False)
+    assert "skipping checkpoint step_00000004" in caplog.text and "resumed from" in caplog.text
+    assert "step_00000002" in caplog.text.split("resumed from")[1] and summary["step"] == 6
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))  # the steps trained again after the resume are logged once
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    import errno
+
+    w, opt = {"a": torch.ones(3)}, {"state": {}, "param_groups": [{"lr": 0.1, "params": []}]}
+    checkpoint.save(tmp_path, 1, w, opt, {"data": []})
+    (tmp_path / ".step_00000007.tmp-99999").mkdir()  # left by a writer killed earlier
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(checkpoint.CheckpointError, match=r"step_00000002: checkpoint not written: No space left on device"):
+        checkpoint.save(tmp_path, 2, w, opt, {"data": []})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]

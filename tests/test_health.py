@@ -112,3 +112,30 @@ def test_rollbacks_are_bounded(data, tmp_path):
     inject_nan(learner, at_step=3, times=100)
     with pytest.raises(HealthError, match="after 2 rollbacks"):
         train(learner, loader, trainer_cfg("rollback", max_rollbacks=2), tmp_path, accelerator(), progress=False)
+
+
+def test_a_finite_loss_spike_acts_like_a_nan():
+    monitor = Monitor(HealthConfig(spike_factor=1000))
+    assert all(monitor.check({"loss": 2.0 - 0.01 * i}) is None for i in range(10))
+    assert monitor.check({"loss": 50.0}) is None  # 25× is a bad step, not a divergence
+    problem = monitor.check({"loss": 2e5})
+    assert problem is not None and problem.startswith("loss spiked: 2e+05 is")
+    assert Monitor(HealthConfig(spike_factor=None)).check({"loss": 1e30}) is None
+
+
+def test_a_loss_spike_rolls_back(data, tmp_path, caplog):
+    learner, loader = tiny_mae(data)
+    obj, forward = learner.objectives["mae"], learner.objectives["mae"].forward
+    hits = []
+
+    def spiking(batch):
+        out = forward(batch)
+        if batch["__step__"] == 5 and not hits:
+            hits.append(5)
+            out["loss"] = out["loss"] * 1e5
+        return out
+
+    obj.forward = spiking
+    with caplog.at_level(logging.WARNING, logger="selfsup"):
+        summary = train(learner, loader, trainer_cfg("rollback"), tmp_path, accelerator(), progress=False)
+    assert hits == [5] and summary["rollbacks"] == 1 and "loss spiked" in caplog.text

@@ -7,10 +7,12 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import REPO
 
 from pipeline.cli import main
+from pipeline.config import ConfigError
 from pipeline.data.shards import write_shards
 from pipeline.runner import DEFAULT_RECIPE, load_recipe, run_recipe
 
@@ -123,3 +125,32 @@ def test_starter_recipe_runs_end_to_end_with_short_stages(tmp_path):
 
     AutoModel.from_pretrained(run / "clip_image_text" / "encoders" / "image")
     AutoTokenizer.from_pretrained(run / "clip_audio_text" / "encoders" / "text")
+
+
+@pytest.mark.parametrize("name", ["..", "../../../victim", "a/b", "/abs", "."])
+def test_a_stage_or_run_name_that_would_leave_its_parent_is_refused_before_anything_is_touched(tmp_path, name):
+    recipe = setup(tmp_path)
+    data = yaml.safe_load(recipe.read_text())
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    for field in ("stage", "run"):
+        bad = dict(data, stages=[dict(data["stages"][0], name=name, stage="validate")]) if field == "stage" \
+            else dict(data, name=name)
+        recipe.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ConfigError, match="is not a plain name"):
+            run_recipe(recipe, runs=tmp_path / "runs" / "deep" / "er", progress=False)
+    assert (victim / "keep.txt").read_text() == "precious" and not (tmp_path / "runs").exists()
+
+
+def test_a_changed_stage_with_checkpoints_is_kept_aside_not_wiped(tmp_path, caplog):
+    recipe = setup(tmp_path)
+    run = run_recipe(recipe, runs=tmp_path / "runs", progress=False)
+    (run / "tokenize" / "checkpoints").mkdir()
+    (run / "tokenize" / "checkpoints" / "w").write_text("hours of training")
+    old = json.loads((run / "tokenize" / "stage.json").read_text())["hash"][:12]
+    with caplog.at_level(logging.WARNING, logger="selfsup"):
+        run_recipe(recipe, ["stages.tokenize.vocab_size=80"], runs=tmp_path / "runs", progress=False)
+    aside = run / f"tokenize.{old}"
+    assert (aside / "checkpoints" / "w").read_text() == "hours of training"
+    assert f"kept in {aside}" in caplog.text and (run / "tokenize" / "done.json").is_file()

@@ -27,36 +27,83 @@ from pipeline.train import sharding
 PREFIX = "step_"
 
 
+#: test-only switch: ``<point>@<step>`` kills this process (SIGKILL) at that point of writing that
+#: checkpoint, so fault-injection tests stop the writer deterministically
+FAULT_ENV = "SELFSUP_CHECKPOINT_FAULT"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be written (full disk) or read (truncated, corrupt)."""
+
+
 def save(root: Path, step: int, model: dict[str, torch.Tensor], optimizer: dict, state: dict, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` under ``root`` and delete all but the ``keep`` newest."""
+    """Write checkpoint ``step`` under ``root`` and delete all but the ``keep`` newest. The stage
+    directory is locked, so temporary directories left by earlier writers are stale: removed."""
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".{PREFIX}*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, str(tmp / "model.safetensors"))
-    tensors, rest = _split_optimizer(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": rest}, indent=1))
-    if final.exists():  # the same step written again (after a rollback): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir())[:-keep]:
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, str(tmp / "model.safetensors"))
+        _fault("model", step)
+        tensors, rest = _split_optimizer(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        _fault("optimizer", step)
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": rest}, indent=1))
+        _fault("state", step)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{final}: checkpoint not written: {e.strerror or e} (the previous one is intact)") from None
+    if final.exists():  # the same step written again (after a rollback): the new one replaces it
+        aside = root / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fault("renamed", step)
+    for old in candidates(root)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _fault(point: str, step: int) -> None:
+    if os.environ.get(FAULT_ENV) == f"{point}@{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def candidates(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, newest first (temporary directories are never complete)."""
+    done = [p for p in root.glob(f"{PREFIX}*") if (p / "state.json").is_file()] if root.is_dir() else []
+    return sorted(done, reverse=True)
+
+
 def latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (temporary directories are never complete)."""
-    done = sorted(p for p in root.glob(f"{PREFIX}*") if (p / "state.json").is_file()) if root.is_dir() else []
-    return done[-1] if done else None
+    """The newest complete checkpoint under ``root``."""
+    found = candidates(root)
+    return found[0] if found else None
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(model weights, optimizer state_dict, state) of checkpoint ``path``."""
-    state = json.loads((path / "state.json").read_text())
-    model = load_file(str(path / "model.safetensors"))
-    optimizer = _join_optimizer(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer"))
+    """(model weights, optimizer state_dict, state) of checkpoint ``path``; a file that does not
+    read back (truncated, corrupt) is a ``CheckpointError`` naming it."""
+    file = path / "state.json"
+    try:
+        state = json.loads(file.read_text())
+        file = path / "model.safetensors"
+        model = load_file(str(file))
+        file = path / "optimizer.safetensors"
+        optimizer = _join_optimizer(load_file(str(file)), state.pop("optimizer"))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # safetensors raises its own errors as these
+        raise CheckpointError(f"{file}: unreadable ({' '.join(str(e).split())[:200]})") from None
+    except Exception as e:  # safetensors_rust.SafetensorError derives from Exception only
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise CheckpointError(f"{file}: unreadable ({' '.join(str(e).split())[:200]})") from None
     return model, optimizer, state
 
 

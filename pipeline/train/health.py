@@ -1,6 +1,7 @@
 """Training health: catch divergence and collapse while they can still be acted on.
 
-Watched every step: a non-finite loss (or gradient norm). Watched every ``every`` steps, on the
+Watched every step: a non-finite loss (or gradient norm), and a finite loss that spikes far above
+the median of the last healthy steps (``spike_factor``). Watched every ``every`` steps, on the
 embeddings the objectives report: the standard deviation of the L2-normalized embedding per
 dimension (→ 0 when every input maps to the same point, the collapse every self-supervised method
 fears) and the effective rank of the batch of embeddings (exp of the entropy of the normalized
@@ -14,7 +15,9 @@ checkpoint, lowers the learning rate and goes on (at most ``max_rollbacks`` time
 
 from __future__ import annotations
 
+import collections
 import math
+import statistics
 from typing import Literal
 
 import torch
@@ -42,6 +45,10 @@ class HealthConfig(Config):
     min_target_var: float = Field(1e-4, ge=0)
     #: CLIP: flag a logit scale above this (None: only a non-finite one)
     max_logit_scale: float | None = None
+    #: a loss above this multiple of the median of the last ``spike_window`` healthy losses acts at
+    #: once, like a non-finite one (None: never)
+    spike_factor: float | None = Field(1000.0, gt=1)
+    spike_window: int = Field(20, ge=3)
     #: rollback: learning-rate multiplier applied at each rollback, and how many are allowed
     lr_factor: float = Field(0.5, gt=0, le=1)
     max_rollbacks: int = Field(3, ge=0)
@@ -78,12 +85,15 @@ class Monitor:
 
     def __init__(self, cfg: HealthConfig):
         self.cfg, self.strikes = cfg, 0
+        self.losses: collections.deque[float] = collections.deque(maxlen=cfg.spike_window)
 
     def check(self, metrics: dict[str, float]) -> str | None:
         """The problem to act on now, or None."""
-        problem = nonfinite(metrics)
+        problem = nonfinite(metrics) or self.spike(metrics.get("loss"))
         if problem is not None:
             return problem
+        if "loss" in metrics:
+            self.losses.append(metrics["loss"])
         if not any(k.startswith("health/") for k in metrics):
             return None  # not a check step (every ``every`` steps): nothing to count
         problem = collapse(self.cfg, metrics)
@@ -91,6 +101,16 @@ class Monitor:
         if problem and self.strikes >= self.cfg.patience:
             self.strikes = 0
             return problem + (f" at {self.cfg.patience} checks in a row" if self.cfg.patience > 1 else "")
+        return None
+
+
+    def spike(self, loss: float | None) -> str | None:
+        """A loss far above the recent ones (a finite divergence), as a sentence, or None."""
+        if loss is None or self.cfg.spike_factor is None or len(self.losses) < 3:
+            return None
+        median = statistics.median(self.losses)
+        if median > 0 and loss > self.cfg.spike_factor * median:
+            return f"loss spiked: {loss:.4g} is {loss / median:.3g}× the median {median:.4g} of the last {len(self.losses)} steps"
         return None
 
 

@@ -92,12 +92,11 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
                             betas=cfg.optim.betas, eps=cfg.optim.eps)
     model, opt = accelerator.prepare(learner, opt)
     run = {"step": 0, "lr_scale": 1.0, "rollbacks": 0}
-    if (last := checkpoint.latest(ckpt_dir)) is not None:
-        run = restore(last, model, opt, loader, accelerator)
-        log.info("resumed from %s", last)
+    if (resumed := restore_newest(ckpt_dir, model, opt, loader, accelerator)) is not None:
+        run = resumed
     elif cfg.health.action == "rollback":  # something to roll back to before the first checkpoint
         save(ckpt_dir, run, model, opt, loader, accelerator, cfg, resolved)
-    logger = MetricsLog(out_dir, accelerator.is_main_process)
+    logger = MetricsLog(out_dir, accelerator.is_main_process, after=run["step"])
     batches = iter(loader)
     bar = _bar(cfg.steps, run["step"], progress and accelerator.is_main_process)
     model.train()
@@ -161,18 +160,18 @@ def _unhealthy(problem, step, run, cfg, ckpt_dir, model, opt, loader, accelerato
     if action == "rollback" and run["rollbacks"] >= cfg.health.max_rollbacks:
         action = "stop"
         problem += f" (after {run['rollbacks']} rollbacks)"
-    last = checkpoint.latest(ckpt_dir)
     if action == "warn":
         log.warning("step %d: %s; step skipped", step, problem)
         run["step"] = step
         return run, batches
+    last = checkpoint.latest(ckpt_dir)
     if action == "stop" or last is None:
         raise HealthError(f"step {step}: {problem}; stopped, last good checkpoint: {last or 'none'}")
     factor = run["lr_scale"] * cfg.health.lr_factor
     log.warning("step %d: %s; rolling back to %s with learning rate × %.3g", step, problem, last.name, factor)
     batches.close()  # its workers stop; the data position comes back from the checkpoint
     rollbacks = run["rollbacks"] + 1
-    run = restore(last, model, opt, loader, accelerator)
+    run = restore_newest(ckpt_dir, model, opt, loader, accelerator)
     run.update(lr_scale=factor, rollbacks=rollbacks)
     return run, iter(loader)
 
@@ -195,6 +194,24 @@ def save(ckpt_dir: Path, run: dict, model, opt, loader, accelerator, cfg: Traine
                  "world_size": accelerator.num_processes, "config": resolved or {}}
         checkpoint.save(ckpt_dir, run["step"], weights, optimizer, state, cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
+
+
+def restore_newest(ckpt_dir: Path, model, opt, loader, accelerator) -> dict | None:
+    """Restore the newest checkpoint under ``ckpt_dir`` that reads back, saying which ones were
+    skipped and why; None when there is none. Every process reads the same files, so all skip alike."""
+    found = checkpoint.candidates(ckpt_dir)
+    for path in found:
+        try:
+            run = restore(path, model, opt, loader, accelerator)
+        except checkpoint.CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s", path.name, e)
+            continue
+        log.info("resumed from %s", path)
+        return run
+    if found:
+        raise checkpoint.CheckpointError(f"{ckpt_dir}: none of {len(found)} checkpoints reads back; "
+                                         f"move the directory aside to start over")
+    return None
 
 
 def restore(path: Path, model, opt, loader, accelerator) -> dict:
@@ -225,8 +242,14 @@ def _mean_over_processes(values: dict[str, torch.Tensor], accelerator) -> dict[s
 class MetricsLog:
     """Metrics to ``metrics.jsonl`` and TensorBoard (``tensorboard --logdir <stage dir>/tb``)."""
 
-    def __init__(self, out_dir: Path, enabled: bool):
-        self.file = open(out_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115 (closed by close())
+    def __init__(self, out_dir: Path, enabled: bool, after: int = 0):
+        """``after``: the step the run resumes from; rows of later steps (written before the
+        interruption, about to be trained again) are dropped, so each step appears once."""
+        path = out_dir / "metrics.jsonl"
+        if enabled and path.is_file():
+            rows = [ln for ln in path.read_text().splitlines() if ln.strip() and _step(ln) <= after]
+            path.write_text("".join(r + "\n" for r in rows))
+        self.file = open(path, "a") if enabled else None  # noqa: SIM115 (closed by close())
         self.tb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -245,6 +268,13 @@ class MetricsLog:
         if self.file is not None:
             self.file.close()
             self.tb.close()
+
+
+def _step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn last line of a killed run: dropped
 
 
 def _short(value: float) -> float:
