@@ -157,3 +157,29 @@ def test_shard_errors_are_listed_before_sample_errors(tmp_path):
     (shards / "manifest.json").write_text(json.dumps(manifest))
     summary = check(shards, tmp_path, require=["cls"], max_errors=2)
     assert summary["n_errors"] == 13 and "shard-000002.tar: sha256" in summary["errors"][0]
+
+
+def test_specs_resolve_alike_for_validate_and_the_loader(tmp_path):
+    """One resolver: a folder with neither manifest nor tars is the same one-line error for both."""
+    from pipeline.config import ConfigError
+    from pipeline.data.shards import open_shards
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="folder holds neither manifest.json nor tar files") as loader_error:
+        open_shards(empty)
+    with pytest.raises(ConfigError) as validate_error:
+        check(empty, tmp_path)
+    assert str(validate_error.value) == str(loader_error.value)
+
+
+def test_manifest_naming_a_missing_shard(tmp_path, capsys):
+    from pipeline.config import ConfigError
+    from pipeline.data.shards import open_shards
+
+    shards = make(tmp_path)
+    (shards / "shard-000001.tar").unlink()
+    line = one_error(check(shards, tmp_path))
+    assert line == f"{shards / 'shard-000001.tar'}: no such file, though the manifest lists it"
+    with pytest.raises(ConfigError, match=r"manifest\.json: lists shard shard-000001\.tar, which does not exist"):
+        open_shards(shards)

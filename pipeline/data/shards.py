@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Sequence
 
 from pipeline.config import ConfigError
+from pipeline.data.paths import inside
 from pipeline.data.tarstream import TarStream, split_member
 
 MANIFEST = "manifest.json"
@@ -60,18 +61,52 @@ def expand_braces(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 
 
-def open_shards(spec: str | Path | Sequence[str | Path], base: Path | None = None) -> ShardSet:
-    """Resolve a directory holding ``manifest.json``, a manifest path, a brace pattern, a glob or a
-    list of those into a ``ShardSet``. Shards without a manifest are counted by reading tar headers."""
-    if isinstance(spec, (list, tuple)):
-        parts = [open_shards(s, base) for s in spec]
-        return ShardSet(tuple(s for p in parts for s in p.shards))
-    path = Path(spec) if base is None or Path(spec).is_absolute() else base / spec
+@dataclass(frozen=True)
+class SpecFiles:
+    """Where one shard spec points: its manifest, or (without one) its tar files."""
+
+    #: the spec as a path (relative ones joined to the base)
+    given: Path
+    manifest: Path | None
+    files: tuple[str, ...] = ()
+
+    @property
+    def inputs(self) -> list[str]:
+        """What to fingerprint for this spec: the folder or manifest named, or the tar files matched."""
+        return [str(self.given)] if self.given.is_dir() or self.manifest else list(self.files)
+
+
+def resolve_spec(spec: str | Path, base: Path | None = None) -> SpecFiles:
+    """A directory holding ``manifest.json``, a manifest path, a directory of tar files, a brace
+    pattern or a glob → its manifest or its tar files, without reading any tar. The one place shard
+    specs are interpreted: the loader, ``validate`` and ``tokenize`` all come through here."""
+    given = path = Path(spec) if base is None or Path(spec).is_absolute() else base / spec
     if path.is_dir() and (path / MANIFEST).is_file():
         path = path / MANIFEST
     if path.name == MANIFEST:
-        return read_manifest(path)
-    return ShardSet(tuple(Shard(f, count_samples(f)) for f in list_tar_files(path)))
+        if not path.is_file():
+            raise ConfigError(f"shards {path}: no such manifest")
+        return SpecFiles(given, path)
+    if path.is_dir() and not any(p.name.endswith(TAR_SUFFIXES) for p in path.iterdir()):
+        raise ConfigError(f"shards {path}: folder holds neither {MANIFEST} nor tar files")
+    return SpecFiles(given, None, tuple(list_tar_files(path)))
+
+
+def open_shards(spec: str | Path | Sequence[str | Path], base: Path | None = None) -> ShardSet:
+    """Resolve a shard spec (see ``resolve_spec``) or a list of them into a ``ShardSet``. Shards
+    without a manifest are counted by reading tar headers; shards a manifest lists must exist."""
+    if isinstance(spec, (list, tuple)):
+        parts = [open_shards(s, base) for s in spec]
+        return ShardSet(tuple(s for p in parts for s in p.shards))
+    found = resolve_spec(spec, base)
+    if found.manifest is None:
+        return ShardSet(tuple(Shard(f, count_samples(f)) for f in found.files))
+    shardset = read_manifest(found.manifest)
+    missing = next((s.path for s in shardset.shards if not os.path.isfile(s.path)), None)
+    if missing is not None:
+        raise ConfigError(f"{found.manifest}: lists shard {Path(missing).name}, which does not exist "
+                          f"({sum(not os.path.isfile(s.path) for s in shardset.shards)} of {len(shardset)} missing)")
+    return shardset
 
 
 def list_tar_files(path: Path) -> list[str]:
@@ -87,14 +122,14 @@ def list_tar_files(path: Path) -> list[str]:
 
 
 def read_manifest(path: Path) -> ShardSet:
+    """The shards a manifest lists (paths relative to its folder, which they may not leave)."""
     try:
         data = json.loads(path.read_text())
-        shards = tuple(
-            Shard(str(path.parent / s["path"]), int(s["count"]), s.get("sha256"), tuple(s.get("keys", ())))
-            for s in data["shards"]
-        )
+        entries = [(s["path"], int(s["count"]), s.get("sha256"), tuple(s.get("keys", ()))) for s in data["shards"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path}: not a valid shard manifest ({type(e).__name__}: {e})") from None
+    shards = tuple(Shard(str(inside(path.parent, name, f"{path}: shard")), count, sha, keys)
+                   for name, count, sha, keys in entries)
     return ShardSet(shards, manifest=str(path))
 
 
