@@ -8,8 +8,9 @@ Output: ``DIR/<prefix>-NNNNNN.tar`` (img2dataset keys: jpg/png/webp, txt, json, 
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from pipeline.data.paths import escape
 from pipeline.data.shards import write_shards
 from pipeline.data.sources import SampleEncoder, open_source
 from pipeline.stage import Context, StageConfig
@@ -30,6 +31,15 @@ class Config(StageConfig):
     max_size: float = Field(1e9, description="bytes per shard (approximate)")
     compress: bool = Field(False, description="gzip each shard (.tar.gz)")
     workers: int | None = Field(None, description="writer processes (default: all cores)")
+
+    @field_validator("prefix")
+    @classmethod
+    def _file_name(cls, value: str) -> str:
+        """The prefix names files inside ``out``: it may not lead out of it."""
+        problem = "holds '/'" if "/" in value else escape(value)
+        if problem:
+            raise ValueError(f"{value!r} {problem}; it must be a file name inside --out")
+        return value
 
 
 def inputs(cfg: Config, ctx: Context) -> list[str]:

@@ -14,13 +14,15 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import shutil
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Sequence
 
 from pipeline.config import ConfigError
-from pipeline.data.paths import inside
+from pipeline.data.paths import inside, member_name
 from pipeline.data.tarstream import TarStream, split_member
 
 MANIFEST = "manifest.json"
@@ -219,45 +221,69 @@ def write_shards(
 ) -> dict:
     """Write ``to_sample(items[i])`` for every i into ``out_dir/<prefix>-NNNNNN.tar[.gz]`` and a
     manifest. Work is split into chunks of ``max_count`` items written by ``workers`` processes;
-    shard numbering follows item order whatever the number of workers."""
+    shard numbering follows item order whatever the number of workers.
+
+    The new set is built in a hidden folder inside ``out_dir`` and swapped in only when complete,
+    manifest last: a failure leaves the previous shards and manifest exactly as they were, and
+    ``items`` may read the very shards being replaced (re-sharding a set onto itself)."""
     global _SOURCE, _TO_SAMPLE
     from tqdm import tqdm
 
     out = Path(out_dir)
+    if "/" in prefix:
+        raise ConfigError(f"prefix: {prefix!r} must be a file name, without '/'")
+    inside(out, prefix, "prefix")
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob(f"{prefix}-*"):
-        if old.name.endswith(TAR_SUFFIXES) or ".tmp" in old.name:
-            old.unlink()
+    build = Path(tempfile.mkdtemp(prefix=".building-", dir=out))
     n = len(items)
-    chunks = [(i, min(i + max_count, n), str(out), prefix, max_count, max_size, compress) for i in range(0, n, max_count)]
+    chunks = [(i, min(i + max_count, n), str(build), prefix, max_count, max_size, compress)
+              for i in range(0, n, max_count)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(chunks) or 1))
     _SOURCE, _TO_SAMPLE = items, to_sample
     suffix = ".tar.gz" if compress else ".tar"
     entries: list[dict] = []
     bar = tqdm(total=n, desc=f"shard {out.name}", unit="sample", disable=not progress, dynamic_ncols=True)
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
     try:
-        if workers == 1:
-            results = map(_write_chunk, chunks)
-        else:
-            pool = mp.get_context("fork").Pool(workers)
-            results = pool.imap(_write_chunk, chunks)
-        for written in results:
+        for written in (pool.imap(_write_chunk, chunks) if pool else map(_write_chunk, chunks)):
             for tmp, count, keys in written:
-                final = out / f"{prefix}-{len(entries):06d}{suffix}"
+                final = build / f"{prefix}-{len(entries):06d}{suffix}"
                 os.replace(tmp, final)
                 entries.append({"path": final.name, "count": count, "keys": keys, "sha256": sha256_file(final)})
                 bar.update(count)
-        if workers > 1:
-            pool.close()
-            pool.join()
+        manifest = {"format": "webdataset", "total": sum(e["count"] for e in entries), "shards": entries}
+        (build / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _swap_in(build, out, prefix, [e["path"] for e in entries])
     finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
         bar.close()
         _SOURCE = _TO_SAMPLE = None
-    manifest = {"format": "webdataset", "total": sum(e["count"] for e in entries), "shards": entries}
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
+        shutil.rmtree(build, ignore_errors=True)
     return manifest
+
+
+def _swap_in(build: Path, out: Path, prefix: str, names: list[str]) -> None:
+    """Replace the ``prefix`` shards and the manifest of ``out`` by those complete in ``build``.
+    Only renames: old files move aside first, the new manifest comes last; on any error the
+    moves are undone, so ``out`` holds either the old set or the new one."""
+    aside = build / ".previous"
+    aside.mkdir()
+    old = [p for p in out.glob(f"{prefix}-*") if p.is_file() and (p.name.endswith(TAR_SUFFIXES) or ".tmp" in p.name)]
+    old += [out / MANIFEST] if (out / MANIFEST).exists() else []
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for p in old:
+            os.replace(p, aside / p.name)
+            moved.append((aside / p.name, p))
+        for name in [*names, MANIFEST]:
+            os.replace(build / name, out / name)
+            moved.append((out / name, build / name))
+    except BaseException:
+        for now, before in reversed(moved):
+            os.replace(now, before)
+        raise
 
 
 def _write_chunk(args) -> list[tuple[str, int, list[str]]]:
@@ -274,12 +300,15 @@ def _write_chunk(args) -> list[tuple[str, int, list[str]]]:
     try:
         for i in range(lo, hi):
             sample = _TO_SAMPLE(_SOURCE[i])
+            exts = [k for k in sample if not k.startswith("_")]
+            for ext in exts:  # a member name leaving the shard root would let an extractor write anywhere
+                member_name(str(sample.get("__key__")), ext, f"item {i}")
             before = writer.fname
             writer.write(sample)
             if not written or writer.fname != before or writer.count == 1:
                 written.append((writer.fname, 0, set()))
             fname, count, keys = written[-1]
-            written[-1] = (fname, count + 1, keys | {k for k in sample if not k.startswith("_")})
+            written[-1] = (fname, count + 1, keys | set(exts))
     finally:
         writer.close()
     # ShardWriter opens its first file eagerly; a chunk never ends empty, so every file is counted.
