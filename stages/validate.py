@@ -31,10 +31,10 @@ class Config(StageConfig):
     shards: list[str] = Field(description="shard directories (with manifest.json), manifests, brace patterns or globs")
     require: list[str] = Field(default=[], description="keys every sample must have; 'jpg|png' means one of them")
     full: bool = Field(default=False, description="decode every sample, not a sample of each shard")
-    processes: int = Field(default=1, description="training processes that will read these shards")
-    workers: int = Field(default=2, description="dataloader workers per training process")
-    jobs: int | None = Field(default=None, description="checking processes (default: one per core)")
-    max_errors: int = Field(default=50, description="errors listed; the rest are only counted")
+    processes: int = Field(default=1, ge=1, description="training processes that will read these shards")
+    workers: int = Field(default=2, ge=0, description="dataloader workers per training process")
+    jobs: int | None = Field(default=None, ge=1, description="checking processes (default: one per core)")
+    max_errors: int = Field(default=50, ge=0, description="errors listed; the rest are only counted")
 
     @field_validator("require", mode="before")
     @classmethod
@@ -249,7 +249,7 @@ def _summarize(cfg: Config, tasks: list[Task], results: list[Result], seconds: f
     errors = errors[: cfg.max_errors]
     n_errors = sum(r.n_errors for r in results)
     warnings = []
-    streams = cfg.processes * cfg.workers
+    streams = cfg.processes * max(1, cfg.workers)
     if len(tasks) < streams:
         warnings.append(f"{len(tasks)} shards for {cfg.processes} processes × {cfg.workers} workers = {streams} "
                         "streams: streams will share slices of shards, which mixes samples less; "

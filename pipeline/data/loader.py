@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from modalities.base import Modality
@@ -50,26 +51,26 @@ class SourceConfig(Config):
 
     shards: str | list[str]
     #: modalities decoded from each sample, e.g. [image, text]
-    modalities: list[str]
+    modalities: list[str] = Field(min_length=1)
     #: shard key of an integer label returned as ``batch["cls"]`` (e.g. ``cls``)
     label: str | None = None
     #: relative sampling weight when several sources are mixed
-    weight: float = 1.0
+    weight: float = Field(1.0, gt=0)
 
 
 class LoaderConfig(Config):
-    batch_size: int = 64  # per process
-    num_workers: int = 2
+    batch_size: int = Field(64, ge=1)  # per process
+    num_workers: int = Field(2, ge=0)
     #: None streams forever (training runs are measured in steps); N stops after N passes
-    epochs: int | None = None
+    epochs: int | None = Field(None, ge=1)
     #: units read concurrently by one stream; more mixes shards better
-    interleave: int = 4
+    interleave: int = Field(4, ge=1)
     augment: bool = True
     drop_last: bool = False
     on_error: Literal["raise", "skip"] = "raise"
     #: directory receiving one jsonl per process listing every consumed sample (audits, tests)
     ledger: str | None = None
-    prefetch_factor: int = 4
+    prefetch_factor: int = Field(4, ge=1)
 
 
 class SampleError(RuntimeError):
