@@ -22,6 +22,7 @@ from pydantic import Field, field_validator
 
 from pipeline import registry
 from pipeline.data.shards import ShardError, iter_samples, read_manifest, resolve_spec, sha256_file
+from pipeline.data.tarstream import split_member
 from pipeline.stage import Context, StageConfig
 
 HEAD, SPREAD = 16, 8  # samples decoded per shard without --full: the first HEAD, and SPREAD more spaced evenly
@@ -172,8 +173,13 @@ def check_shard(task: Task, tick) -> Result:
                   "(file changed since it was written; rebuild the shards or the manifest)", shard=True)
     mods: dict = {}
     ticked = 0
+    def special(name: str, kind: str) -> None:
+        key = split_member(name)[0]
+        _add(res, f"{task.path}: sample {key!r}: member {name!r} is a {kind}, which readers skip "
+                  "(store the file itself in the shard)")
+
     try:
-        for sample in iter_samples(task.path):
+        for sample in iter_samples(task.path, on_other=special):
             for problem in check_sample(sample, _PLAN.decoded(sample["__index__"], task.count), mods, res.unchecked):
                 _add(res, f"{task.path}: sample {sample['__key__']!r}: {problem}")
             res.samples += 1

@@ -135,16 +135,17 @@ def read_manifest(path: Path) -> ShardSet:
     return ShardSet(shards, manifest=str(path))
 
 
-def iter_samples(path: str, start: int = 0, stop: int | None = None,
-                 exts: Collection[str] | None = None) -> Iterator[dict[str, Any]]:
+def iter_samples(path: str, start: int = 0, stop: int | None = None, exts: Collection[str] | None = None,
+                 on_other: Callable[[str, str], None] | None = None) -> Iterator[dict[str, Any]]:
     """Samples ``start..stop`` of one shard, in tar order, as ``{"__key__", "__index__", ext: bytes}``.
     Samples before ``start`` are stepped over without reading their data. With ``exts``, members of
     other extensions are stepped over too and appear in the sample as None, so a sample still
-    shows everything its shard holds."""
+    shows everything its shard holds. Links and other special members are stepped over; ``on_other``
+    hears of each (name, kind)."""
     key, sample, index = None, {}, -1
     stream = None
     try:
-        stream = TarStream(path)
+        stream = TarStream(path, on_other)
         while (member := stream.next_member()) is not None:
             name, size = member
             name_key, ext = split_member(name)
