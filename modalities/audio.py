@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import torch
+from pydantic import Field
 
 from modalities.base import Modality as Base
 from modalities.base import ModalityConfig
@@ -36,6 +37,8 @@ class AudioConfig(ModalityConfig):
     std: float = 4.0
     #: key written by ``encode`` for raw arrays
     write_format: str = "flac"
+    #: longest clip decoded; a long file would take its whole length in memory before the crop
+    max_seconds: float = Field(600.0, gt=0)
 
 
 class Modality(Base):
@@ -72,7 +75,11 @@ class Modality(Base):
         if not data:
             raise ValueError(f"empty {ext} (0 bytes)")
         try:
-            wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+            with sf.SoundFile(io.BytesIO(data)) as f:
+                seconds = f.frames / f.samplerate if f.samplerate else 0.0
+                if seconds > self.cfg.max_seconds:
+                    raise ValueError(f"{ext} lasts {seconds:.1f} s, over audio.max_seconds {self.cfg.max_seconds:g}")
+                wave, sr = f.read(dtype="float32", always_2d=True), f.samplerate
         except (sf.LibsndfileError, RuntimeError, TypeError) as e:
             raise ValueError(f"cannot decode {ext}: {e}") from None
         if wave.shape[0] == 0:

@@ -13,6 +13,7 @@ import math
 import random
 import re
 import struct
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from pydantic import Field
 
 from modalities.base import Modality as Base
 from modalities.base import ModalityConfig
@@ -41,6 +43,8 @@ class ImageConfig(ModalityConfig):
     std: list[float] | None = None
     #: key written by ``encode`` for images that are not already encoded files
     write_format: str = "png"
+    #: largest decoded image (width × height) accepted; a small file can decode to gigabytes
+    max_pixels: int = Field(64_000_000, ge=1)
 
 
 class Modality(Base):
@@ -77,9 +81,9 @@ class Modality(Base):
     def decode(self, data: bytes, ext: str) -> Image.Image:
         if not data:
             raise ValueError(f"empty {ext} (0 bytes)")
-        img = _plain_png(data)
+        img = _plain_png(data, self.cfg.max_pixels)
         if img is None:
-            img = _open(data, ext)
+            img = _open(data, ext, self.cfg.max_pixels)
         return img if img.mode == self._mode else img.convert(self._mode)
 
     def transform(self, img: Image.Image, rng: random.Random | None) -> torch.Tensor:
@@ -133,11 +137,24 @@ def _resized_pixels(img: Image.Image, size: int, box: tuple, flip: bool) -> byte
     return b"".join(chunks)
 
 
-def _open(data: bytes, ext: str) -> Image.Image:
-    """Any image file PIL reads, fully loaded; ``ValueError`` saying why not otherwise."""
+def _too_large(ext: str, width: int, height: int, limit: int) -> ValueError:
+    return ValueError(f"{ext} decodes to {width}x{height} = {width * height / 1e6:.1f} megapixels, over "
+                      f"image.max_pixels {limit} (raise it if such images are meant to be read)")
+
+
+def _open(data: bytes, ext: str, max_pixels: int) -> Image.Image:
+    """Any image file PIL reads, fully loaded; ``ValueError`` saying why not otherwise. The size is
+    checked from the header before any pixel is decoded (PIL's own bomb check only warns)."""
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit decides
+            img = Image.open(io.BytesIO(data))
+        if img.width * img.height > max_pixels:
+            raise _too_large(ext, img.width, img.height, max_pixels)
         img.load()
+    except Image.DecompressionBombError:
+        raise ValueError(f"{ext} is larger than PIL reads (Image.MAX_IMAGE_PIXELS × 2); image.max_pixels is "
+                         f"{max_pixels}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         # PIL names its in-memory buffer ("<_io.BytesIO object at 0x…>"), which tells a reader nothing
         reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
@@ -153,7 +170,7 @@ _INERT_CHUNKS = frozenset({b"gAMA", b"sRGB", b"pHYs", b"tEXt", b"zTXt", b"iTXt",
                            b"iCCP", b"bKGD", b"sBIT", b"eXIf"})
 
 
-def _plain_png(data: bytes) -> Image.Image | None:
+def _plain_png(data: bytes, max_pixels: int) -> Image.Image | None:
     """A non-interlaced 8-bit PNG without palette or transparency, decoded by PIL's own zlib/unfilter
     decoder from the concatenated IDAT data: the same pixels as ``Image.open`` + ``load`` without its
     file-object parsing, which costs more than the decoding itself on small images. None for any
@@ -163,6 +180,8 @@ def _plain_png(data: bytes) -> Image.Image | None:
         return None
     width, height, depth, colour, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
     mode = _PLAIN_MODES.get((depth, colour))
+    if width * height > max_pixels:
+        raise _too_large("png", width, height, max_pixels)
     limit = Image.MAX_IMAGE_PIXELS  # above it PIL warns or refuses: leave that to PIL
     if mode is None or compression or filtering or interlace or not width * height or \
             limit is not None and width * height > limit:

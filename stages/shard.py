@@ -8,10 +8,13 @@ Output: ``DIR/<prefix>-NNNNNN.tar`` (img2dataset keys: jpg/png/webp, txt, json, 
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
 
+from pydantic import Field, field_validator
+
+from pipeline.data.paths import escape
 from pipeline.data.shards import write_shards
-from pipeline.data.sources import SampleEncoder, open_source
+from pipeline.data.sources import SampleEncoder, open_source, unique
 from pipeline.stage import Context, StageConfig
 
 positional = ("input",)
@@ -24,12 +27,24 @@ class Config(StageConfig):
     fields: dict[str, str | None] | None = Field(
         None, description="input field -> modality (image/text/audio), cls, json or a shard key; others dropped")
     key_field: str | None = Field(None, description="input field holding a unique sample key (default: position)")
+    duplicates: Literal["raise", "skip"] = Field(
+        "raise", description="items whose key repeats an earlier one: an error, or skipped and counted")
+    allow_outside: bool = Field(False, description="jsonl media paths may point outside the jsonl's folder")
     out: str | None = Field(None, description="output folder (default: the stage directory)")
     prefix: str = Field("shard", description="shard file name prefix")
-    max_count: int = Field(1000, description="samples per shard")
-    max_size: float = Field(1e9, description="bytes per shard (approximate)")
+    max_count: int = Field(1000, ge=1, description="samples per shard")
+    max_size: float = Field(1e9, gt=0, description="bytes per shard (approximate)")
     compress: bool = Field(False, description="gzip each shard (.tar.gz)")
-    workers: int | None = Field(None, description="writer processes (default: all cores)")
+    workers: int | None = Field(None, ge=1, description="writer processes (default: all cores)")
+
+    @field_validator("prefix")
+    @classmethod
+    def _file_name(cls, value: str) -> str:
+        """The prefix names files inside ``out``: it may not lead out of it."""
+        problem = "holds '/'" if "/" in value else escape(value)
+        if problem:
+            raise ValueError(f"{value!r} {problem}; it must be a file name inside --out")
+        return value
 
 
 def inputs(cfg: Config, ctx: Context) -> list[str]:
@@ -37,12 +52,13 @@ def inputs(cfg: Config, ctx: Context) -> list[str]:
 
 
 def run(cfg: Config, ctx: Context) -> dict:
-    source = open_source(ctx.path(cfg.input), cfg.format, cfg.split)
-    encoder = SampleEncoder(cfg.fields, ctx.modalities, cfg.key_field)
+    encoder = SampleEncoder(cfg.fields, ctx.modalities, cfg.key_field, allow_outside=cfg.allow_outside)
+    source = unique(open_source(ctx.path(cfg.input), cfg.format, cfg.split), encoder, cfg.duplicates, ctx.log)
     out = ctx.path(cfg.out) if cfg.out else ctx.out_dir
     manifest = write_shards(source, encoder, out, prefix=cfg.prefix, max_count=cfg.max_count,
                             max_size=cfg.max_size, compress=cfg.compress, workers=cfg.workers, progress=ctx.progress)
     keys = sorted({k for s in manifest["shards"] for k in s["keys"]})
     ctx.log.info("wrote %d samples in %d shards to %s (keys: %s)", manifest["total"], len(manifest["shards"]), out,
                  ", ".join(keys))
-    return {"out": str(out), "samples": manifest["total"], "shards": len(manifest["shards"]), "keys": keys}
+    return {"out": str(out), "samples": manifest["total"], "shards": len(manifest["shards"]), "keys": keys,
+            "skipped_duplicates": getattr(source, "skipped", 0)}

@@ -21,7 +21,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from pipeline import registry
-from pipeline.data.shards import MANIFEST, ShardError, iter_samples, list_tar_files, read_manifest, sha256_file
+from pipeline.data.shards import ShardError, iter_samples, read_manifest, resolve_spec, sha256_file
+from pipeline.data.tarstream import split_member
 from pipeline.stage import Context, StageConfig
 
 HEAD, SPREAD = 16, 8  # samples decoded per shard without --full: the first HEAD, and SPREAD more spaced evenly
@@ -31,10 +32,10 @@ class Config(StageConfig):
     shards: list[str] = Field(description="shard directories (with manifest.json), manifests, brace patterns or globs")
     require: list[str] = Field(default=[], description="keys every sample must have; 'jpg|png' means one of them")
     full: bool = Field(default=False, description="decode every sample, not a sample of each shard")
-    processes: int = Field(default=1, description="training processes that will read these shards")
-    workers: int = Field(default=2, description="dataloader workers per training process")
-    jobs: int | None = Field(default=None, description="checking processes (default: one per core)")
-    max_errors: int = Field(default=50, description="errors listed; the rest are only counted")
+    processes: int = Field(default=1, ge=1, description="training processes that will read these shards")
+    workers: int = Field(default=2, ge=0, description="dataloader workers per training process")
+    jobs: int | None = Field(default=None, ge=1, description="checking processes (default: one per core)")
+    max_errors: int = Field(default=50, ge=0, description="errors listed; the rest are only counted")
 
     @field_validator("require", mode="before")
     @classmethod
@@ -72,11 +73,7 @@ def inputs(cfg: Config, ctx: Context) -> list[str]:
 
 def shard_inputs(specs: list[str], ctx: Context) -> list[str]:
     """What to fingerprint for a shard set: its manifests, or its tar files when it has none."""
-    out = []
-    for spec in specs:
-        path = ctx.path(spec)
-        out += [str(path)] if path.is_dir() or path.name == MANIFEST else list_tar_files(path)
-    return out
+    return [p for spec in specs for p in resolve_spec(ctx.path(spec)).inputs]
 
 
 def run(cfg: Config, ctx: Context) -> dict:
@@ -99,16 +96,14 @@ def run(cfg: Config, ctx: Context) -> dict:
 
 
 def resolve(specs: list[str], ctx: Context) -> list[Task]:
-    """Shard specs → tasks, without reading any tar (an unreadable shard is a finding, not a crash)."""
+    """Shard specs → tasks, without reading any tar (an unreadable or missing shard is a finding, not a crash)."""
     tasks = []
     for spec in specs:
-        path = _short(ctx.path(spec))
-        if path.is_dir() and (path / MANIFEST).is_file():
-            path = path / MANIFEST
-        if path.name == MANIFEST:
-            tasks += [Task(s.path, s.count, s.sha256) for s in read_manifest(path).shards]
+        found = resolve_spec(_short(ctx.path(spec)))
+        if found.manifest is not None:
+            tasks += [Task(s.path, s.count, s.sha256) for s in read_manifest(found.manifest).shards]
         else:
-            tasks += [Task(f) for f in list_tar_files(path)]
+            tasks += [Task(f) for f in found.files]
     return tasks
 
 
@@ -169,13 +164,22 @@ def _check_in_pool(task: Task) -> Result:
 def check_shard(task: Task, tick) -> Result:
     """Read one shard to the end; ``tick(n)`` reports progress every few samples."""
     res = Result(task.path)
+    if not os.path.isfile(task.path):
+        _add(res, f"{task.path}: no such file{', though the manifest lists it' if task.count is not None else ''}",
+             shard=True)
+        return res
     if task.sha256 and (actual := sha256_file(task.path)) != task.sha256:
         _add(res, f"{task.path}: sha256 {actual[:12]}… differs from the manifest's {task.sha256[:12]}… "
                   "(file changed since it was written; rebuild the shards or the manifest)", shard=True)
     mods: dict = {}
     ticked = 0
+    def special(name: str, kind: str) -> None:
+        key = split_member(name)[0]
+        _add(res, f"{task.path}: sample {key!r}: member {name!r} is a {kind}, which readers skip "
+                  "(store the file itself in the shard)")
+
     try:
-        for sample in iter_samples(task.path):
+        for sample in iter_samples(task.path, on_other=special):
             for problem in check_sample(sample, _PLAN.decoded(sample["__index__"], task.count), mods, res.unchecked):
                 _add(res, f"{task.path}: sample {sample['__key__']!r}: {problem}")
             res.samples += 1
@@ -251,7 +255,7 @@ def _summarize(cfg: Config, tasks: list[Task], results: list[Result], seconds: f
     errors = errors[: cfg.max_errors]
     n_errors = sum(r.n_errors for r in results)
     warnings = []
-    streams = cfg.processes * cfg.workers
+    streams = cfg.processes * max(1, cfg.workers)
     if len(tasks) < streams:
         warnings.append(f"{len(tasks)} shards for {cfg.processes} processes × {cfg.workers} workers = {streams} "
                         "streams: streams will share slices of shards, which mixes samples less; "

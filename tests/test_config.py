@@ -86,3 +86,21 @@ def test_cli_reports_mistakes_in_one_line(tmp_path, capsys):
         main(["validate", str(tmp_path), "--fulll"])
     assert e.value.code == 2
     assert "did you mean --full?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("component, key, value", [
+    ("loader", "batch_size", 0), ("loader", "batch_size", -3), ("loader", "interleave", 0),
+    ("loader", "num_workers", -1), ("loader", "epochs", 0), ("loader", "prefetch_factor", 0),
+    ("source", "weight", 0), ("shard", "max_count", 0), ("shard", "max_size", 0), ("shard", "workers", 0),
+    ("validate", "processes", 0), ("validate", "workers", -1), ("validate", "jobs", 0), ("validate", "max_errors", -1),
+])
+def test_numeric_settings_out_of_range_name_the_key(component, key, value):
+    from pipeline.config import build
+    from pipeline.data.loader import LoaderConfig, SourceConfig
+    from stages import shard, validate
+
+    cls, base = {"loader": (LoaderConfig, {}), "source": (SourceConfig, {"shards": "s", "modalities": ["image"]}),
+                 "shard": (shard.Config, {"input": "x"}), "validate": (validate.Config, {"shards": ["s"]})}[component]
+    with pytest.raises(ConfigError, match=rf"^{component}: {key}: Input should be greater than") as e:
+        build(cls, {**base, key: value}, component)
+    assert "\n" not in str(e.value)

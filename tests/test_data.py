@@ -125,6 +125,23 @@ def test_mixture_follows_weights_and_is_the_same_on_every_rank(tmp_path):
     assert 0.6 < picks[0].count("a") / 80 < 0.9
 
 
+def test_exact_resume_of_a_mixture_keeps_the_source_of_every_batch(tmp_path):
+    """The saved position names the next batch, so a resumed mixture picks the same sources."""
+    sources = {n: SourceConfig(shards=str(image_shards(tmp_path / n, n=60)), modalities=["image"]) for n in "ab"}
+
+    def mixed():
+        return StreamingLoader(sources, LoaderConfig(batch_size=3, num_workers=0, epochs=1), IMAGE, seed=1)
+
+    def picks(batches):
+        return [(b["__source__"], b["__key__"]) for b in batches]
+
+    full, first = picks(mixed()), mixed()
+    head = picks(islice(first, 5))
+    second = mixed()
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert head + picks(second) == full
+
+
 def broken_shards(tmp_path: Path) -> Path:
     """Three shards of 4; sample ``s00005`` holds bytes that are not an image."""
     out = tmp_path / "broken"

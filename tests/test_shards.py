@@ -198,3 +198,44 @@ def test_reader_long_names_and_concatenated_gzip(tmp_path, fmt):
         samples = list(iter_samples(str(p)))
         assert [s["__key__"] for s in samples] == [f"{'d' * 120}/k{i}" for i in range(3)]
         assert [s[ext] for s in samples for ext in ("cls", "txt")] == [bytes(range(n)) for n in range(6)]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_failed_reshard_leaves_the_previous_shards_as_they_were(tmp_path):
+    from pipeline.data.shards import write_shards
+
+    out = image_shards(tmp_path / "out", n=30, per_shard=4)
+    before = _files(out)
+
+    def to_sample(i):
+        if i == 25:
+            raise RuntimeError("disk full")
+        return {"__key__": f"n{i:05d}", "txt": b"new"}
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_shards(list(range(30)), to_sample, out, max_count=4, workers=1, progress=False)
+    assert _files(out) == before and [p.name for p in out.iterdir() if p.is_dir()] == []
+
+
+def test_reshard_onto_itself_keeps_every_sample(tmp_path):
+    src = image_shards(tmp_path / "set", n=30, per_shard=7)
+    want = [s for e in json.loads((src / "manifest.json").read_text())["shards"] for s in iter_samples(str(src / e["path"]))]
+    manifest = shard(src, src)
+    assert manifest["total"] == 30 and [e["path"] for e in manifest["shards"]] == [f"shard-{i:06d}.tar" for i in range(8)]
+    got = [s for e in manifest["shards"] for s in iter_samples(str(src / e["path"]))]
+    assert [{k: v for k, v in s.items() if k != "__index__"} for s in got] == \
+        [{k: v for k, v in s.items() if k != "__index__"} for s in want]
+    assert sorted(p.name for p in src.glob("*.tar")) == [e["path"] for e in manifest["shards"]]
+    assert not list(src.glob(".building-*"))
+
+
+@pytest.mark.parametrize("prefix", ["../elsewhere/train", "/tmp/abs", "a/b", ".."])
+def test_prefix_may_not_leave_out(folder, tmp_path, capsys, prefix):
+    out = tmp_path / "o" / "out"
+    assert main(["shard", str(folder), "--out", str(out), "--prefix", prefix]) == 2
+    err = capsys.readouterr().err
+    assert "prefix" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "elsewhere").exists()

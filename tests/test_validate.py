@@ -157,3 +157,71 @@ def test_shard_errors_are_listed_before_sample_errors(tmp_path):
     (shards / "manifest.json").write_text(json.dumps(manifest))
     summary = check(shards, tmp_path, require=["cls"], max_errors=2)
     assert summary["n_errors"] == 13 and "shard-000002.tar: sha256" in summary["errors"][0]
+
+
+def test_specs_resolve_alike_for_validate_and_the_loader(tmp_path):
+    """One resolver: a folder with neither manifest nor tars is the same one-line error for both."""
+    from pipeline.config import ConfigError
+    from pipeline.data.shards import open_shards
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="folder holds neither manifest.json nor tar files") as loader_error:
+        open_shards(empty)
+    with pytest.raises(ConfigError) as validate_error:
+        check(empty, tmp_path)
+    assert str(validate_error.value) == str(loader_error.value)
+
+
+def test_manifest_naming_a_missing_shard(tmp_path, capsys):
+    from pipeline.config import ConfigError
+    from pipeline.data.shards import open_shards
+
+    shards = make(tmp_path)
+    (shards / "shard-000001.tar").unlink()
+    line = one_error(check(shards, tmp_path))
+    assert line == f"{shards / 'shard-000001.tar'}: no such file, though the manifest lists it"
+    with pytest.raises(ConfigError, match=r"manifest\.json: lists shard shard-000001\.tar, which does not exist"):
+        open_shards(shards)
+
+
+def test_link_members_are_reported_not_skipped(tmp_path):
+    import tarfile
+
+    shards = make(tmp_path, n=4)
+    tar = shards / "shard-000000.tar"
+    with tarfile.open(tar, "a") as tf:  # append a symlink and a hard link after the samples
+        for kind, name in ((tarfile.SYMTYPE, "k9.png"), (tarfile.LNKTYPE, "k9.txt")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "/etc/passwd"
+            tf.addfile(info)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["shards"][0].update(sha256=None, count=4)
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    errors = check(shards, tmp_path)["errors"]
+    assert [e for e in errors if "link" in e] == [
+        f"{tar}: sample 'k9': member 'k9.png' is a symbolic link, which readers skip (store the file itself in the shard)",
+        f"{tar}: sample 'k9': member 'k9.txt' is a hard link, which readers skip (store the file itself in the shard)"]
+
+
+def _huge_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (10000, 10000)).save(buf, format="PNG")  # ~100 KB on disk, 100 megapixels decoded
+    return buf.getvalue()
+
+
+def test_decoded_size_limits_are_errors_naming_shard_and_key(tmp_path, recwarn):
+    from modalities.audio import AudioConfig
+    from modalities.audio import Modality as Audio
+
+    huge = _huge_png()
+    shards = make(tmp_path, edit=lambda i, s: s.update(png=huge) if i == 2 else None)
+    assert one_error(check(shards, tmp_path, full=True)) == (
+        f"{shards / 'shard-000000.tar'}: sample 'k2': png: png decodes to 10000x10000 = 100.0 megapixels, "
+        "over image.max_pixels 64000000 (raise it if such images are meant to be read)")
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]  # an error, not a warning
+    long_audio = io.BytesIO()
+    sf.write(long_audio, np.zeros(8000 * 20, np.float32), 8000, format="FLAC")
+    with pytest.raises(ValueError, match=r"^flac lasts 20\.0 s, over audio\.max_seconds 10$"):
+        Audio(AudioConfig(max_seconds=10)).decode(long_audio.getvalue(), "flac")
+    assert Audio(AudioConfig()).decode(long_audio.getvalue(), "flac").numel() == 16000 * 20

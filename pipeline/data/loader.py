@@ -1,11 +1,12 @@
 """Streaming loader over webdataset shards with exact, elastic resume.
 
 The global order is a pure function of the seed. For each source and epoch, shards are shuffled by
-``(seed, source, epoch)`` and cut into *units* ``[shard, start, stop]`` (a whole shard, or a slice
-of one when there are fewer shards than streams). Units are dealt round-robin to the *streams*:
+``(seed, source, epoch)`` and cut into *units* (a whole shard, or a slice of one when there are
+fewer shards than streams). Units are dealt round-robin to the *streams*:
 one per (process, dataloader worker). A stream reads ``interleave`` units at once and picks the
 next sample among them by a hash of (seed, stream, sample count), so no shuffle buffer is needed
-and the stream's whole position is a short list of units with their cursors.
+and the stream's whole position is a short list of units with their cursors. The position types
+live in ``pipeline.data.state``, and resuming from them is the pure function ``pipeline.data.resume``.
 
 Every batch travels from its worker with the state of its stream *after* that batch. The main
 process keeps the state of the last batch it handed out per stream, so ``state_dict()`` describes
@@ -20,24 +21,27 @@ by (seed, batch index), identical on every process, so mixtures keep ranks in st
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import logging
-import math
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from modalities.base import Modality
 from pipeline import registry
 from pipeline.config import Config, ConfigError
+from pipeline.data.ledger import open_ledger, truncate_ledger
+from pipeline.data.resume import Topology, resume
 from pipeline.data.seeding import hash_int, sample_rng
 from pipeline.data.shards import ShardError, ShardSet, iter_samples, open_shards
+from pipeline.data.state import LoaderState, Segment, SourceCursor, StreamState, Unit, plan_epoch
 
 log = logging.getLogger(__name__)
 
@@ -47,56 +51,38 @@ class SourceConfig(Config):
 
     shards: str | list[str]
     #: modalities decoded from each sample, e.g. [image, text]
-    modalities: list[str]
+    modalities: list[str] = Field(min_length=1)
     #: shard key of an integer label returned as ``batch["cls"]`` (e.g. ``cls``)
     label: str | None = None
     #: relative sampling weight when several sources are mixed
-    weight: float = 1.0
+    weight: float = Field(1.0, gt=0)
 
 
 class LoaderConfig(Config):
-    batch_size: int = 64  # per process
-    num_workers: int = 2
+    batch_size: int = Field(64, ge=1)  # per process
+    num_workers: int = Field(2, ge=0)
     #: None streams forever (training runs are measured in steps); N stops after N passes
-    epochs: int | None = None
+    epochs: int | None = Field(None, ge=1)
     #: units read concurrently by one stream; more mixes shards better
-    interleave: int = 4
+    interleave: int = Field(4, ge=1)
     augment: bool = True
     drop_last: bool = False
     on_error: Literal["raise", "skip"] = "raise"
     #: directory receiving one jsonl per process listing every consumed sample (audits, tests)
     ledger: str | None = None
-    prefetch_factor: int = 4
+    prefetch_factor: int = Field(4, ge=1)
 
 
 class SampleError(RuntimeError):
     """A sample that cannot be used; the message names the shard, the key and the cause."""
 
 
-def plan_epoch(shards: ShardSet, seed: int, source: str, epoch: int, n_streams: int) -> list[list[list[int]]]:
-    """Units ``[shard, start, stop]`` dealt to each of ``n_streams`` streams for one epoch."""
-    order = list(range(len(shards)))
-    random.Random(hash_int(seed, "order", source, epoch)).shuffle(order)
-    pieces = max(1, math.ceil(n_streams / max(1, len(shards))))
-    units = []
-    for i in order:
-        count = shards.shards[i].count
-        cuts = [count * p // pieces for p in range(pieces + 1)]
-        units += [[i, a, b] for a, b in zip(cuts, cuts[1:]) if b > a]
-    return [units[s::n_streams] for s in range(n_streams)]
-
-
-def initial_state(local: int, sources: list[str]) -> dict:
-    """State of a stream that has produced nothing: epoch 0 is planned lazily."""
-    return {"k": local, "sources": {s: {"n": 0, "segments": [], "next_epoch": 0, "skipped": 0} for s in sources}}
-
-
 class _SourceReader:
-    """The sample sequence of one source within one stream; mutates ``state`` as it reads."""
+    """The sample sequence of one source within one stream; advances ``cursor`` as it reads."""
 
-    def __init__(self, name: str, shards: ShardSet, state: dict, plan, stream: int, cfg: LoaderConfig, seed: int,
-                 exts: frozenset[str] | None = None):
-        self.name, self.shards, self.state, self.plan = name, shards, state, plan
+    def __init__(self, name: str, shards: ShardSet, cursor: SourceCursor, plan, stream: int, cfg: LoaderConfig,
+                 seed: int, exts: frozenset[str] | None = None):
+        self.name, self.shards, self.cursor, self.plan = name, shards, cursor, plan
         self.stream, self.cfg, self.seed, self.exts = stream, cfg, seed, exts
         self._open: dict[tuple, Iterator] = {}
         #: (samples, reason) skipped since the last batch, reported with it
@@ -104,72 +90,71 @@ class _SourceReader:
 
     def next(self) -> tuple[int, str, dict] | None:
         """(epoch, shard path, raw sample), or None when the epoch budget is spent."""
-        st = self.state
+        cur = self.cursor
         while True:
-            if not st["segments"]:
-                if self.cfg.epochs is not None and st["next_epoch"] >= self.cfg.epochs:
+            if not cur.segments:
+                if self.cfg.epochs is not None and cur.next_epoch >= self.cfg.epochs:
                     return None
-                st["segments"].append([st["next_epoch"], self.plan(st["next_epoch"])[self.stream]])
-                st["next_epoch"] += 1
-            epoch, units = st["segments"][0]
-            if not units:
-                st["segments"].pop(0)
+                cur.segments.append(Segment(cur.next_epoch, self.plan(cur.next_epoch)[self.stream]))
+                cur.next_epoch += 1
+            seg = cur.segments[0]
+            if not seg.units:
+                cur.segments.pop(0)
                 continue
-            window = min(len(units), self.cfg.interleave)
-            j = hash_int(self.seed, "pick", self.name, self.stream, st["n"]) % window
-            unit = units[j]
-            st["n"] += 1
+            window = min(len(seg.units), self.cfg.interleave)
+            j = hash_int(self.seed, "pick", self.name, self.stream, cur.picks) % window
+            unit = seg.units[j]
+            cur.picks += 1
             try:
-                sample = self._read(epoch, unit)
+                sample = self._read(seg.epoch, unit)
             except ShardError as e:
                 if self.cfg.on_error == "raise":
                     raise
-                st["skipped"] += unit[2] - unit[1]
-                self.skips.append((unit[2] - unit[1], f"{e} (rest of the shard skipped)"))
-                units.pop(j)
+                cur.skipped += unit.left
+                self.skips.append((unit.left, f"{e} (rest of the shard skipped)"))
+                seg.units.pop(j)
                 continue
-            unit[1] += 1
-            if unit[1] >= unit[2]:
-                units.pop(j)
-                self._open.pop((epoch, unit[0], unit[2]), None)
-            return epoch, self.shards.shards[unit[0]].path, sample
+            unit.start += 1
+            if unit.start >= unit.stop:
+                seg.units.pop(j)
+                self._open.pop((seg.epoch, unit.shard, unit.stop), None)
+            return seg.epoch, self.shards.shards[unit.shard].path, sample
 
-    def _read(self, epoch: int, unit: list[int]) -> dict:
-        shard, start, stop = unit
-        key = (epoch, shard, stop)
+    def _read(self, epoch: int, unit: Unit) -> dict:
+        key = (epoch, unit.shard, unit.stop)
         it = self._open.get(key)
         if it is None:
-            it = self._open[key] = iter_samples(self.shards.shards[shard].path, start, stop, self.exts)
+            it = self._open[key] = iter_samples(self.shards.shards[unit.shard].path, unit.start, unit.stop, self.exts)
         sample = next(it, None)
         if sample is None:
             self._open.pop(key, None)
-            s = self.shards.shards[shard]
-            raise ShardError(f"{s.path}: ended at sample {start}, but the manifest promises {s.count}")
+            s = self.shards.shards[unit.shard]
+            raise ShardError(f"{s.path}: ended at sample {unit.start}, but the manifest promises {s.count}")
         return sample
 
 
 class StreamingDataset(IterableDataset):
     """Runs inside each dataloader worker: reads this worker's stream, decodes, augments, batches."""
 
-    def __init__(self, loader: "StreamingLoader"):
+    def __init__(self, loader: StreamingLoader):
         self.loader = loader
 
     def __iter__(self):
         ld = self.loader
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        local = (ld.rotation + worker) % ld.workers_per_rank
+        local = (ld.position.rotation + worker) % ld.workers_per_rank
         stream = ld.rank * ld.workers_per_rank + local
-        state = copy.deepcopy(ld.stream_states[stream])
+        state = ld.position.streams[stream].clone()
         mods = {m: registry.modality(m)(ld.modality_cfgs.get(m)) for src in ld.sources.values() for m in src.modalities}
         readers = {
-            name: _SourceReader(name, ld.shardsets[name], state["sources"][name], ld.planner(name), stream, ld.cfg,
+            name: _SourceReader(name, ld.shardsets[name], state.sources[name], ld.planner(name), stream, ld.cfg,
                                 ld.seed, needed_extensions(src, mods))
             for name, src in ld.sources.items()
         }
         alive = list(ld.sources)
         while alive:
-            name = ld.choose_source(state["k"], alive)
+            name = ld.choose_source(state.batch, alive)
             items, keys, skips = [], [], readers[name].skips
             while len(items) < ld.cfg.batch_size:
                 got = readers[name].next()
@@ -180,17 +165,15 @@ class StreamingDataset(IterableDataset):
                 if item is not None:
                     items.append(item)
                     keys.append(f"{name}:{shard_name(got[1])}:{got[2]['__key__']}")
-            if not items or (len(items) < ld.cfg.batch_size and ld.cfg.drop_last):
-                if skips:  # nothing to hand out, but the skips must still be reported and counted
-                    yield {"__meta__": {"stream": stream, "state": copy.deepcopy(state), "keys": [],
-                                        "skips": list(skips)}, "__empty__": True}
-                    skips.clear()
-                    state["k"] += ld.workers_per_rank
+            full = items and not (len(items) < ld.cfg.batch_size and ld.cfg.drop_last)
+            if not full and not skips:
                 continue
-            batch = self._collate(name, mods, items)
-            batch["__meta__"] = {"stream": stream, "state": copy.deepcopy(state), "keys": keys, "skips": list(skips)}
+            # a batch, or nothing to hand out but skips that must still be reported and counted
+            batch = self._collate(name, mods, items) if full else {"__empty__": True}
+            state.batch += ld.workers_per_rank  # the saved state names the batch that comes next
+            batch["__meta__"] = {"stream": stream, "state": state.clone(), "keys": keys if full else [],
+                                 "skips": list(skips)}
             skips.clear()
-            state["k"] += ld.workers_per_rank
             yield batch
 
     def _prepare(self, name: str, mods: dict, epoch: int, path: str, sample: dict, skips: list) -> dict | None:
@@ -283,24 +266,29 @@ class StreamingLoader:
         self.rank, self.world_size = rank, world_size
         self.workers_per_rank = max(1, cfg.num_workers)
         self.shardsets = {name: open_shards(src.shards, base_dir) for name, src in sources.items()}
-        for name, src in sources.items():
+        for src in sources.values():
             for m in src.modalities:
                 registry.modality(m)  # unknown modality: error now, not in a worker
-        self.stream_states = {
-            self.rank * self.workers_per_rank + w: initial_state(w, list(sources))
-            for w in range(self.workers_per_rank)
-        }
-        self.rotation = 0
-        self.batches = 0
-        self.skipped = 0
+        counts = {n: [s.count for s in ss.shards] for n, ss in self.shardsets.items()}
+        streams = {self.rank * self.workers_per_rank + w: StreamState.fresh(w, list(sources))
+                   for w in range(self.workers_per_rank)}
+        self.position = LoaderState(seed, rank, world_size, self.workers_per_rank, counts, streams)
+
+    @property
+    def batches(self) -> int:
+        return self.position.batches
+
+    @property
+    def skipped(self) -> int:
+        return self.position.skipped
 
     @property
     def n_streams(self) -> int:
         return self.world_size * self.workers_per_rank
 
-    def planner(self, name: str, n_streams: int | None = None):
-        shards, n = self.shardsets[name], n_streams or self.n_streams
-        return lambda epoch: plan_epoch(shards, self.seed, name, epoch, n)
+    def planner(self, name: str):
+        counts, n = self.position.counts[name], self.n_streams
+        return lambda epoch: plan_epoch(counts, self.seed, name, epoch, n)
 
     def choose_source(self, k: int, alive: list[str]) -> str:
         """Source of rank-level batch ``k``: weighted, and the same on every process."""
@@ -315,55 +303,41 @@ class StreamingLoader:
         # Batches are already tensors: the default per-batch conversion would only walk every key
         # string and the stream state looking for numpy arrays.
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_as_is, **kwargs)
-        ledger = self._ledger_file()
+        ledger = open_ledger(self.cfg.ledger, self.rank) if self.cfg.ledger else None
+        pos = self.position
         try:
             for batch in loader:
                 meta = batch.pop("__meta__")
-                self.stream_states[meta["stream"]] = meta["state"]
-                self.rotation = (meta["stream"] % self.workers_per_rank + 1) % self.workers_per_rank
+                pos.streams[meta["stream"]] = meta["state"]
+                pos.rotation = (meta["stream"] % self.workers_per_rank + 1) % self.workers_per_rank
                 for count, msg in meta["skips"]:
                     log.warning("skipped %d sample%s: %s", count, "s" * (count > 1), msg)
-                    self.skipped += count
+                    pos.skipped += count
                 if batch.pop("__empty__", False):
                     continue
                 if ledger is not None:
-                    ledger.write(json.dumps({"batch": self.batches, "keys": meta["keys"]}) + "\n")
+                    ledger.write(json.dumps({"batch": pos.batches, "keys": meta["keys"]}) + "\n")
                     ledger.flush()
-                self.batches += 1
+                pos.batches += 1
                 yield batch
         finally:
             if ledger is not None:
                 ledger.close()
 
-    def _ledger_file(self):
-        if not self.cfg.ledger:
-            return None
-        Path(self.cfg.ledger).mkdir(parents=True, exist_ok=True)
-        return open(Path(self.cfg.ledger) / f"rank{self.rank:05d}.jsonl", "a")
-
     # -- position -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """This process's position: every one of its streams, as consumed."""
-        return {
-            "version": 1,
-            "seed": self.seed,
-            "world_size": self.world_size,
-            "workers_per_rank": self.workers_per_rank,
-            "rank": self.rank,
-            "rotation": self.rotation,
-            "batches": self.batches,
-            "skipped": self.skipped,
-            "sources": {n: [s.count for s in ss.shards] for n, ss in self.shardsets.items()},
-            "streams": {str(k): v for k, v in self.stream_states.items()},
-        }
+        """This process's position (``LoaderState.to_json``): every one of its streams, as consumed."""
+        return self.position.to_json()
 
     def load_state_dict(self, states: dict | list[dict]) -> None:
         """Resume from the states of all processes of the earlier run (one dict per rank; a single
         dict is accepted for a one-process run)."""
-        from pipeline.data.resume import restore
-
-        restore(self, states if isinstance(states, list) else [states])
+        old = [LoaderState.from_json(st) for st in (states if isinstance(states, list) else [states])]
+        p = self.position
+        self.position = resume(old, Topology(p.rank, p.world_size, p.workers_per_rank, p.seed, p.counts))
+        if self.cfg.ledger:
+            truncate_ledger(self.cfg.ledger, old, self.rank, self.world_size)
 
 
 def to_device(batch: dict, device) -> dict:

@@ -1,4 +1,5 @@
-"""Restoring a ``StreamingLoader`` from the saved positions of every process of an earlier run.
+"""Resume as a pure function: the saved positions of every process of an earlier run and the new
+topology → the position one new process starts from.
 
 Same topology (processes × workers): each stream continues from its own state and the remaining
 sample sequence equals the uninterrupted one. Another topology: the units left in every epoch any
@@ -9,90 +10,85 @@ is consumed exactly once.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import TYPE_CHECKING
+import functools
+from dataclasses import dataclass
 
 from pipeline.config import ConfigError
-
-if TYPE_CHECKING:
-    from pipeline.data.loader import StreamingLoader
+from pipeline.data.state import LoaderState, Segment, SourceCursor, StreamState, Unit, plan_epoch
 
 
-def restore(loader: "StreamingLoader", states: list[dict]) -> None:
-    _check(loader, states)
-    old = {int(k): v for st in states for k, v in st["streams"].items()}
-    old_world, old_workers = states[0]["world_size"], states[0]["workers_per_rank"]
-    batches = max(st["batches"] for st in states)
-    loader.batches = batches
-    loader.skipped = sum(st["skipped"] for st in states) if loader.rank == 0 else 0
-    if (old_world, old_workers) == (loader.world_size, loader.workers_per_rank):
-        mine = [st for st in states if st["rank"] == loader.rank][0]
-        loader.stream_states = {int(k): v for k, v in mine["streams"].items()}
-        loader.rotation = mine["rotation"]
-        loader.batches = mine["batches"]
-    else:
-        loader.stream_states = _redistribute(loader, old, old_world * old_workers, batches)
-        loader.rotation = 0
-    if loader.cfg.ledger:
-        _truncate_ledger(Path(loader.cfg.ledger), states, loader.rank, loader.world_size)
+@dataclass(frozen=True)
+class Topology:
+    """Who the resuming process is, and what it reads."""
+
+    rank: int
+    world_size: int
+    workers_per_rank: int
+    seed: int
+    #: sample count of every shard, per source, as the shards are now
+    counts: dict[str, list[int]]
+
+    @property
+    def n_streams(self) -> int:
+        return self.world_size * self.workers_per_rank
 
 
-def _check(loader: "StreamingLoader", states: list[dict]) -> None:
-    if not states or any(st.get("version") != 1 for st in states):
-        raise ConfigError("data position: not a loader state (version 1) — was it saved by this pipeline?")
-    ranks = sorted(st["rank"] for st in states)
-    if ranks != list(range(states[0]["world_size"])):
-        raise ConfigError(f"data position: holds ranks {ranks}, expected all of 0..{states[0]['world_size'] - 1}")
-    if states[0]["seed"] != loader.seed:
-        raise ConfigError(f"data position: saved with seed {states[0]['seed']}, resuming with seed {loader.seed}")
-    now = {n: [s.count for s in ss.shards] for n, ss in loader.shardsets.items()}
-    if states[0]["sources"] != now:
-        changed = sorted(set(now) ^ set(states[0]["sources"])) or [n for n in now if now[n] != states[0]["sources"].get(n)]
+def resume(old: list[LoaderState], new: Topology) -> LoaderState:
+    """The state process ``new.rank`` continues from, given every old process's state."""
+    check(old, new)
+    batches = max(st.batches for st in old)
+    skipped = sum(st.skipped for st in old) if new.rank == 0 else 0
+    if (old[0].world_size, old[0].workers_per_rank) == (new.world_size, new.workers_per_rank):
+        mine = next(st for st in old if st.rank == new.rank)
+        streams = {k: s.clone() for k, s in mine.streams.items()}
+        return LoaderState(new.seed, new.rank, new.world_size, new.workers_per_rank, new.counts, streams,
+                           rotation=mine.rotation, batches=mine.batches, skipped=skipped)
+    streams = redistribute({k: s for st in old for k, s in st.streams.items()},
+                           old[0].world_size * old[0].workers_per_rank, new, batches)
+    return LoaderState(new.seed, new.rank, new.world_size, new.workers_per_rank, new.counts, streams,
+                       rotation=0, batches=batches, skipped=skipped)
+
+
+def check(old: list[LoaderState], new: Topology) -> None:
+    """One-line errors for positions this process cannot continue from."""
+    if not old:
+        raise ConfigError("data position: no loader state given")
+    world = old[0].world_size
+    ranks = sorted(st.rank for st in old)
+    if ranks != list(range(world)) or any(st.world_size != world for st in old):
+        raise ConfigError(f"data position: holds ranks {ranks}, expected all of 0..{world - 1}")
+    if old[0].seed != new.seed:
+        raise ConfigError(f"data position: saved with seed {old[0].seed}, resuming with seed {new.seed}")
+    saved = old[0].counts
+    if saved != new.counts:
+        changed = sorted(set(new.counts) ^ set(saved)) or [n for n in new.counts if new.counts[n] != saved.get(n)]
         raise ConfigError(f"data position: source(s) {', '.join(changed)} changed since the position was saved; "
                           "resume needs the same shards")
 
 
-def _redistribute(loader: "StreamingLoader", old: dict[int, dict], old_streams: int, batches: int) -> dict[int, dict]:
-    new_ids = [loader.rank * loader.workers_per_rank + w for w in range(loader.workers_per_rank)]
-    new_states = {
-        sid: {"k": batches + w, "sources": {}} for w, sid in enumerate(new_ids)
-    }
-    for name in loader.sources:
-        plan_old = loader.planner(name, old_streams)
-        subs = [old[s]["sources"][name] for s in range(old_streams)]
-        lo = min(s["segments"][0][0] if s["segments"] else s["next_epoch"] for s in subs)
-        hi = max(s["next_epoch"] for s in subs)
-        leftovers = {e: _leftover(e, subs, plan_old) for e in range(lo, hi)}
-        for sid, st in new_states.items():
-            st["sources"][name] = {
-                "n": 0,
-                "segments": [[e, units[sid :: loader.n_streams]] for e, units in leftovers.items()],
-                "next_epoch": hi,
-                "skipped": 0,
-            }
-    return new_states
+def redistribute(old: dict[int, StreamState], old_streams: int, new: Topology, batches: int) -> dict[int, StreamState]:
+    """The new streams of ``new.rank``: each started epoch's leftover units, dealt round-robin."""
+    ids = [new.rank * new.workers_per_rank + w for w in range(new.workers_per_rank)]
+    streams = {sid: StreamState(batches + w, {}) for w, sid in enumerate(ids)}
+    for name, counts in new.counts.items():
+        cursors = [old[s].sources[name] for s in range(old_streams)]
+        lo = min(c.first_epoch for c in cursors)
+        hi = max(c.next_epoch for c in cursors)
+        plan_old = functools.partial(plan_epoch, counts, new.seed, name, n_streams=old_streams)
+        leftovers = {e: leftover(e, cursors, plan_old) for e in range(lo, hi)}
+        for sid, st in streams.items():
+            segments = [Segment(e, [u.clone() for u in units[sid::new.n_streams]]) for e, units in leftovers.items()]
+            st.sources[name] = SourceCursor(0, segments, hi, 0)
+    return streams
 
 
-def _leftover(epoch: int, subs: list[dict], plan_old) -> list[list[int]]:
+def leftover(epoch: int, cursors: list[SourceCursor], plan_old) -> list[Unit]:
     """Units of ``epoch`` not yet consumed by any old stream, in old-stream order."""
     units, planned = [], None
-    for s, sub in enumerate(subs):
-        if epoch < sub["next_epoch"]:
-            units += [list(u) for e, us in sub["segments"] if e == epoch for u in us]
+    for s, cursor in enumerate(cursors):
+        if epoch < cursor.next_epoch:
+            units += [u for seg in cursor.segments if seg.epoch == epoch for u in seg.units]
         else:  # this stream had not reached ``epoch``: all of its share is left
-            planned = planned or plan_old(epoch)
-            units += [list(u) for u in planned[s]]
+            planned = planned or plan_old(epoch=epoch)
+            units += planned[s]
     return units
-
-
-def _truncate_ledger(folder: Path, states: list[dict], rank: int, world: int) -> None:
-    """Drop ledger lines of batches consumed after the saved position (they will be replayed).
-    New rank r tidies the files of old ranks r, r + world, … so no two processes touch one file."""
-    for st in states:
-        if st["rank"] % world != rank:
-            continue
-        path = folder / f"rank{st['rank']:05d}.jsonl"
-        if path.is_file():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["batch"] < st["batches"]]
-            path.write_text("".join(ln + "\n" for ln in keep))

@@ -14,12 +14,15 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import shutil
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Sequence
 
 from pipeline.config import ConfigError
+from pipeline.data.paths import inside, member_name
 from pipeline.data.tarstream import TarStream, split_member
 
 MANIFEST = "manifest.json"
@@ -60,18 +63,52 @@ def expand_braces(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 
 
-def open_shards(spec: str | Path | Sequence[str | Path], base: Path | None = None) -> ShardSet:
-    """Resolve a directory holding ``manifest.json``, a manifest path, a brace pattern, a glob or a
-    list of those into a ``ShardSet``. Shards without a manifest are counted by reading tar headers."""
-    if isinstance(spec, (list, tuple)):
-        parts = [open_shards(s, base) for s in spec]
-        return ShardSet(tuple(s for p in parts for s in p.shards))
-    path = Path(spec) if base is None or Path(spec).is_absolute() else base / spec
+@dataclass(frozen=True)
+class SpecFiles:
+    """Where one shard spec points: its manifest, or (without one) its tar files."""
+
+    #: the spec as a path (relative ones joined to the base)
+    given: Path
+    manifest: Path | None
+    files: tuple[str, ...] = ()
+
+    @property
+    def inputs(self) -> list[str]:
+        """What to fingerprint for this spec: the folder or manifest named, or the tar files matched."""
+        return [str(self.given)] if self.given.is_dir() or self.manifest else list(self.files)
+
+
+def resolve_spec(spec: str | Path, base: Path | None = None) -> SpecFiles:
+    """A directory holding ``manifest.json``, a manifest path, a directory of tar files, a brace
+    pattern or a glob → its manifest or its tar files, without reading any tar. The one place shard
+    specs are interpreted: the loader, ``validate`` and ``tokenize`` all come through here."""
+    given = path = Path(spec) if base is None or Path(spec).is_absolute() else base / spec
     if path.is_dir() and (path / MANIFEST).is_file():
         path = path / MANIFEST
     if path.name == MANIFEST:
-        return read_manifest(path)
-    return ShardSet(tuple(Shard(f, count_samples(f)) for f in list_tar_files(path)))
+        if not path.is_file():
+            raise ConfigError(f"shards {path}: no such manifest")
+        return SpecFiles(given, path)
+    if path.is_dir() and not any(p.name.endswith(TAR_SUFFIXES) for p in path.iterdir()):
+        raise ConfigError(f"shards {path}: folder holds neither {MANIFEST} nor tar files")
+    return SpecFiles(given, None, tuple(list_tar_files(path)))
+
+
+def open_shards(spec: str | Path | Sequence[str | Path], base: Path | None = None) -> ShardSet:
+    """Resolve a shard spec (see ``resolve_spec``) or a list of them into a ``ShardSet``. Shards
+    without a manifest are counted by reading tar headers; shards a manifest lists must exist."""
+    if isinstance(spec, (list, tuple)):
+        parts = [open_shards(s, base) for s in spec]
+        return ShardSet(tuple(s for p in parts for s in p.shards))
+    found = resolve_spec(spec, base)
+    if found.manifest is None:
+        return ShardSet(tuple(Shard(f, count_samples(f)) for f in found.files))
+    shardset = read_manifest(found.manifest)
+    missing = next((s.path for s in shardset.shards if not os.path.isfile(s.path)), None)
+    if missing is not None:
+        raise ConfigError(f"{found.manifest}: lists shard {Path(missing).name}, which does not exist "
+                          f"({sum(not os.path.isfile(s.path) for s in shardset.shards)} of {len(shardset)} missing)")
+    return shardset
 
 
 def list_tar_files(path: Path) -> list[str]:
@@ -87,27 +124,28 @@ def list_tar_files(path: Path) -> list[str]:
 
 
 def read_manifest(path: Path) -> ShardSet:
+    """The shards a manifest lists (paths relative to its folder, which they may not leave)."""
     try:
         data = json.loads(path.read_text())
-        shards = tuple(
-            Shard(str(path.parent / s["path"]), int(s["count"]), s.get("sha256"), tuple(s.get("keys", ())))
-            for s in data["shards"]
-        )
+        entries = [(s["path"], int(s["count"]), s.get("sha256"), tuple(s.get("keys", ()))) for s in data["shards"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path}: not a valid shard manifest ({type(e).__name__}: {e})") from None
+    shards = tuple(Shard(str(inside(path.parent, name, f"{path}: shard")), count, sha, keys)
+                   for name, count, sha, keys in entries)
     return ShardSet(shards, manifest=str(path))
 
 
-def iter_samples(path: str, start: int = 0, stop: int | None = None,
-                 exts: Collection[str] | None = None) -> Iterator[dict[str, Any]]:
+def iter_samples(path: str, start: int = 0, stop: int | None = None, exts: Collection[str] | None = None,
+                 on_other: Callable[[str, str], None] | None = None) -> Iterator[dict[str, Any]]:
     """Samples ``start..stop`` of one shard, in tar order, as ``{"__key__", "__index__", ext: bytes}``.
     Samples before ``start`` are stepped over without reading their data. With ``exts``, members of
     other extensions are stepped over too and appear in the sample as None, so a sample still
-    shows everything its shard holds."""
+    shows everything its shard holds. Links and other special members are stepped over; ``on_other``
+    hears of each (name, kind)."""
     key, sample, index = None, {}, -1
     stream = None
     try:
-        stream = TarStream(path)
+        stream = TarStream(path, on_other)
         while (member := stream.next_member()) is not None:
             name, size = member
             name_key, ext = split_member(name)
@@ -184,45 +222,69 @@ def write_shards(
 ) -> dict:
     """Write ``to_sample(items[i])`` for every i into ``out_dir/<prefix>-NNNNNN.tar[.gz]`` and a
     manifest. Work is split into chunks of ``max_count`` items written by ``workers`` processes;
-    shard numbering follows item order whatever the number of workers."""
+    shard numbering follows item order whatever the number of workers.
+
+    The new set is built in a hidden folder inside ``out_dir`` and swapped in only when complete,
+    manifest last: a failure leaves the previous shards and manifest exactly as they were, and
+    ``items`` may read the very shards being replaced (re-sharding a set onto itself)."""
     global _SOURCE, _TO_SAMPLE
     from tqdm import tqdm
 
     out = Path(out_dir)
+    if "/" in prefix:
+        raise ConfigError(f"prefix: {prefix!r} must be a file name, without '/'")
+    inside(out, prefix, "prefix")
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob(f"{prefix}-*"):
-        if old.name.endswith(TAR_SUFFIXES) or ".tmp" in old.name:
-            old.unlink()
+    build = Path(tempfile.mkdtemp(prefix=".building-", dir=out))
     n = len(items)
-    chunks = [(i, min(i + max_count, n), str(out), prefix, max_count, max_size, compress) for i in range(0, n, max_count)]
+    chunks = [(i, min(i + max_count, n), str(build), prefix, max_count, max_size, compress)
+              for i in range(0, n, max_count)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(chunks) or 1))
     _SOURCE, _TO_SAMPLE = items, to_sample
     suffix = ".tar.gz" if compress else ".tar"
     entries: list[dict] = []
     bar = tqdm(total=n, desc=f"shard {out.name}", unit="sample", disable=not progress, dynamic_ncols=True)
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
     try:
-        if workers == 1:
-            results = map(_write_chunk, chunks)
-        else:
-            pool = mp.get_context("fork").Pool(workers)
-            results = pool.imap(_write_chunk, chunks)
-        for written in results:
+        for written in (pool.imap(_write_chunk, chunks) if pool else map(_write_chunk, chunks)):
             for tmp, count, keys in written:
-                final = out / f"{prefix}-{len(entries):06d}{suffix}"
+                final = build / f"{prefix}-{len(entries):06d}{suffix}"
                 os.replace(tmp, final)
                 entries.append({"path": final.name, "count": count, "keys": keys, "sha256": sha256_file(final)})
                 bar.update(count)
-        if workers > 1:
-            pool.close()
-            pool.join()
+        manifest = {"format": "webdataset", "total": sum(e["count"] for e in entries), "shards": entries}
+        (build / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _swap_in(build, out, prefix, [e["path"] for e in entries])
     finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
         bar.close()
         _SOURCE = _TO_SAMPLE = None
-    manifest = {"format": "webdataset", "total": sum(e["count"] for e in entries), "shards": entries}
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
+        shutil.rmtree(build, ignore_errors=True)
     return manifest
+
+
+def _swap_in(build: Path, out: Path, prefix: str, names: list[str]) -> None:
+    """Replace the ``prefix`` shards and the manifest of ``out`` by those complete in ``build``.
+    Only renames: old files move aside first, the new manifest comes last; on any error the
+    moves are undone, so ``out`` holds either the old set or the new one."""
+    aside = build / ".previous"
+    aside.mkdir()
+    old = [p for p in out.glob(f"{prefix}-*") if p.is_file() and (p.name.endswith(TAR_SUFFIXES) or ".tmp" in p.name)]
+    old += [out / MANIFEST] if (out / MANIFEST).exists() else []
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for p in old:
+            os.replace(p, aside / p.name)
+            moved.append((aside / p.name, p))
+        for name in [*names, MANIFEST]:
+            os.replace(build / name, out / name)
+            moved.append((out / name, build / name))
+    except BaseException:
+        for now, before in reversed(moved):
+            os.replace(now, before)
+        raise
 
 
 def _write_chunk(args) -> list[tuple[str, int, list[str]]]:
@@ -239,12 +301,15 @@ def _write_chunk(args) -> list[tuple[str, int, list[str]]]:
     try:
         for i in range(lo, hi):
             sample = _TO_SAMPLE(_SOURCE[i])
+            exts = [k for k in sample if not k.startswith("_")]
+            for ext in exts:  # a member name leaving the shard root would let an extractor write anywhere
+                member_name(str(sample.get("__key__")), ext, f"item {i}")
             before = writer.fname
             writer.write(sample)
             if not written or writer.fname != before or writer.count == 1:
                 written.append((writer.fname, 0, set()))
             fname, count, keys = written[-1]
-            written[-1] = (fname, count + 1, keys | {k for k in sample if not k.startswith("_")})
+            written[-1] = (fname, count + 1, keys | set(exts))
     finally:
         writer.close()
     # ShardWriter opens its first file eagerly; a chunk never ends empty, so every file is counted.

@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline import registry
 from pipeline.config import ConfigError
+from pipeline.data.paths import inside, member_name
 from pipeline.data.shards import iter_samples, open_shards
 
 #: column names understood without a ``fields`` mapping
@@ -40,8 +41,16 @@ class FolderSource:
             raise ConfigError(f"{root}: folder holds no files")
         self.items = sorted(groups.items())
 
+        self.root = root
+
     def __len__(self) -> int:
         return len(self.items)
+
+    def keys(self, field: str | None) -> list:
+        return [key for key, _ in self.items] if field is None else [None] * len(self.items)
+
+    def where(self, i: int) -> str:
+        return f"{self.root}/{self.items[i][0]}.*"
 
     def __getitem__(self, i: int) -> dict:
         key, files = self.items[i]
@@ -53,19 +62,29 @@ class JsonlSource:
 
     def __init__(self, path: Path):
         self.path = path
-        self.rows = []
+        self.rows, self.lines = [], []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 try:
-                    self.rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{path}:{n}: not JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ConfigError(f"{path}:{n}: not a JSON object (got {type(row).__name__})")
+                self.rows.append(row)
+                self.lines.append(n)
+
+    def keys(self, field: str | None) -> list:
+        return [row.get(field) for row in self.rows] if field else [f"{i:09d}" for i in range(len(self.rows))]
+
+    def where(self, i: int) -> str:
+        return f"{self.path}:{self.lines[i]}"
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        return {"__key__": f"{i:09d}", **self.rows[i], "__base__": str(self.path.parent)}
+        return {"__key__": f"{i:09d}", **self.rows[i], "__base__": str(self.path.parent), "__where__": self.where(i)}
 
 
 class HFSource:
@@ -75,8 +94,10 @@ class HFSource:
     def __init__(self, dataset: Any, split: str | None = None):
         import datasets
 
+        self.name = "dataset"
         if isinstance(dataset, (str, Path)):
-            dataset = datasets.load_from_disk(str(dataset))
+            self.name = str(dataset)
+            dataset = _load_from_disk(Path(dataset))
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
                 raise ConfigError(f"split: {split!r} is not one of {', '.join(dataset)}")
@@ -86,15 +107,39 @@ class HFSource:
                 dataset = dataset.cast_column(name, type(feature)(decode=False))
         self.ds = dataset
 
+    def keys(self, field: str | None) -> list:
+        if field is None:
+            return [f"{i:09d}" for i in range(len(self.ds))]
+        if field not in self.ds.column_names:
+            raise ConfigError(f"key_field: {field!r} is not a column of {self.name} ({', '.join(self.ds.column_names)})")
+        return self.ds[field]
+
+    def where(self, i: int) -> str:
+        return f"{self.name} row {i}"
+
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> dict:
-        row = {"__key__": f"{i:09d}", **self.ds[i]}
+        row = {"__key__": f"{i:09d}", **self.ds[i], "__where__": self.where(i)}
         for name, value in row.items():
             if isinstance(value, dict) and "bytes" in value and "path" in value:  # undecoded media
                 row[name] = value["bytes"] if value["bytes"] is not None else Path(value["path"])
         return row
+
+
+def _load_from_disk(path: Path):
+    """A dataset saved with ``save_to_disk``, or a one-line error when ``path`` is not one."""
+    import datasets
+
+    marks = ("dataset_info.json", "dataset_dict.json", "state.json")
+    if not path.is_dir() or not any((path / m).is_file() for m in marks):
+        raise ConfigError(f"{path}: not a saved datasets directory (no {', '.join(marks)}; "
+                          "write it with Dataset.save_to_disk, or choose another format)")
+    try:
+        return datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{path}: cannot load the saved dataset ({type(e).__name__}: {e})") from None
 
 
 class ShardSource:
@@ -110,6 +155,15 @@ class ShardSource:
 
     def __len__(self) -> int:
         return self.starts[-1]
+
+    def keys(self, field: str | None) -> list:
+        if field is not None:
+            return [None] * len(self)
+        return [s["__key__"] for shard in self.shards for s in iter_samples(shard.path, exts=())]
+
+    def where(self, i: int) -> str:
+        shard = max(j for j, s in enumerate(self.starts[:-1]) if s <= i)
+        return f"{self.shards[shard].path} sample {i - self.starts[shard]}"
 
     def __getitem__(self, i: int) -> dict:
         if i != self._next or self._it is None:
@@ -145,15 +199,18 @@ def open_source(path: str | Path, kind: str = "auto", split: str | None = None):
 
 
 class SampleEncoder:
-    """Item → shard sample (every value bytes). Picklable, so writer processes can share it."""
+    """Item → shard sample (every value bytes). Picklable, so writer processes can share it.
+
+    Media paths of a jsonl row are relative to the jsonl's folder and may not leave it unless
+    ``allow_outside``; every problem of an item is a ``ConfigError`` naming where it came from
+    (``path:line`` of a jsonl row) and the field."""
 
     def __init__(self, fields: dict[str, str] | None, modality_cfgs: dict | None = None, key_field: str | None = None,
-                 prefix: str = ""):
+                 prefix: str = "", allow_outside: bool = False):
         self.fields = fields or {}
         self.cfgs = modality_cfgs or {}
-        self.key_field, self.prefix = key_field, prefix
+        self.key_field, self.prefix, self.allow_outside = key_field, prefix, allow_outside
         self._mods: dict[str, Any] = {}
-        self._count = 0
 
     def _modality(self, name: str):
         if name not in self._mods:
@@ -168,25 +225,90 @@ class SampleEncoder:
             return None
         return _ALIASES.get(field.lower(), field)
 
+    def key(self, raw: Any, where: str) -> str:
+        """The shard key of an item whose key field (or position) holds ``raw``."""
+        if raw is None:
+            raise ConfigError(f"{where}: no key field {self.key_field!r}" if self.key_field else
+                              f"{where}: item has no key; set key_field to a unique column")
+        return f"{self.prefix}{raw}".replace(".", "_")
+
     def __call__(self, item: dict) -> dict:
-        key = str(item.get(self.key_field)) if self.key_field else item.get("__key__")
-        if key is None:
-            raise ConfigError("key_field: items have no key; set key_field to a unique column")
-        sample = {"__key__": f"{self.prefix}{key}".replace(".", "_")}
-        base = item.get("__base__")
+        where = item.get("__where__", "item")
+        sample = {"__key__": self.key(item.get(self.key_field or "__key__"), where)}
         for field, value in item.items():
             target = None if field.startswith("__") or field == self.key_field else self.target(field)
             if target is None or value is None:
                 continue
-            if target in registry.names("modality"):
-                if isinstance(value, str) and base and target != "text":
-                    value = Path(base) / value
-                ext, data = self._modality(target).encode(value)
-            elif target == "cls":
-                ext, data = "cls", str(int(value)).encode()
-            elif target == "json":
-                ext, data = "json", (value if isinstance(value, bytes) else json.dumps(value).encode())
-            else:
-                ext, data = target, value if isinstance(value, bytes) else str(value).encode()
+            try:
+                ext, data = self._encode(target, value, item.get("__base__"), f"{where}: field {field!r}")
+            except ConfigError:
+                raise
+            except ValueError as e:
+                raise ConfigError(f"{where}: field {field!r}: {e}") from None
+            member_name(sample["__key__"], ext, where)
             sample[ext] = data
         return sample
+
+    def _encode(self, target: str, value: Any, base: str | None, where: str) -> tuple[str, bytes]:
+        if target in registry.names("modality"):
+            if isinstance(value, str) and base and target != "text":
+                value = Path(base) / value if self.allow_outside else inside(base, value, where)
+                if not value.is_file():
+                    raise ConfigError(f"{where}: {value}: no such file")
+            return self._modality(target).encode(value)
+        if target == "cls":
+            return "cls", str(_label(value, where)).encode()
+        if target == "json":
+            return "json", (value if isinstance(value, bytes) else json.dumps(value).encode())
+        return target, value if isinstance(value, bytes) else str(value).encode()
+
+
+def _label(value: Any, where: str) -> int:
+    """An integer label from an int, an integral float, or its text."""
+    try:
+        number = int(value.decode() if isinstance(value, bytes) else value)
+        if isinstance(value, float) and number != value:
+            raise ValueError
+    except (TypeError, ValueError, UnicodeDecodeError):
+        raise ConfigError(f"{where}: label {value!r} is not an integer") from None
+    return number
+
+
+def unique(source, encoder: SampleEncoder, duplicates: str = "raise", log=None):
+    """``source`` itself when every item's shard key is unique; otherwise a one-line error naming
+    the key and where its items are (``duplicates: raise``), or the source without the repeats,
+    logged and counted (``duplicates: skip``; the first item of each key is kept)."""
+    first: dict[str, int] = {}
+    repeats: dict[str, list[int]] = defaultdict(list)
+    for i, raw in enumerate(source.keys(encoder.key_field)):
+        key = encoder.key(raw, source.where(i))
+        if key in first:
+            repeats[key].append(i)
+        else:
+            first[key] = i
+    if not repeats:
+        return source
+    key, rest = next(iter(repeats.items()))
+    if duplicates == "raise":
+        more = f" ({len(repeats) - 1} more keys repeat)" if len(repeats) > 1 else ""
+        places = ", ".join(source.where(i) for i in [first[key], *rest][:4])
+        raise ConfigError(f"key {key!r} is used by {len(rest) + 1} items: {places}{more}; keys must be unique "
+                          "(set key_field to a unique column, or duplicates: skip)")
+    drop = {i for idx in repeats.values() for i in idx}
+    if log is not None:
+        log.warning("skipped %d items whose key repeats an earlier one (first: %r at %s)", len(drop), key,
+                    source.where(rest[0]))
+    return Subset(source, [i for i in range(len(source)) if i not in drop], len(drop))
+
+
+class Subset:
+    """Some items of a source, in order; ``skipped`` counts the others."""
+
+    def __init__(self, source, index: list[int], skipped: int):
+        self.source, self.index, self.skipped = source, index, skipped
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.source[self.index[i]]

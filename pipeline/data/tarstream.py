@@ -39,8 +39,11 @@ class TarStream:
     header through ``gzip.GzipFile`` would cost tens of microseconds per member. Only name, size
     and type are parsed. Members the caller does not want are stepped over in the buffer."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, on_other=None):
         self.path = path
+        #: called with (name, kind) for each member that is neither a file nor a folder (links,
+        #: devices, fifos): readers step over them, a checker reports them
+        self.on_other = on_other
         self.raw = open(path, "rb")  # noqa: SIM115 (closed by close())
         magic = self.raw.read(2)
         self.raw.seek(0)
@@ -147,6 +150,8 @@ class TarStream:
             else:
                 name, long_name = long_name, None
             if kind not in _REGULAR:
+                if self.on_other is not None and kind in _SPECIAL:
+                    self.on_other(name, _SPECIAL[kind])
                 self.skip(size)
                 continue
             return name, size
@@ -156,6 +161,8 @@ class TarStream:
 _HEADER = struct.Struct("100s24x12s12x8sc100x5s83x155s12x")
 _NAME_RECORDS = (b"L", b"x")
 _REGULAR = (b"0", b"\0", b"7")
+#: members that are neither files nor folders (nor pax/GNU metadata)
+_SPECIAL = {b"1": "hard link", b"2": "symbolic link", b"3": "character device", b"4": "block device", b"6": "fifo"}
 
 
 def _octal(field: bytes) -> int:
