@@ -45,6 +45,7 @@ class Modality(Base):
     name = "audio"
     extensions = ("flac", "wav")
     Config = AudioConfig
+    free_keys = frozenset({"write_format", "max_seconds"})
 
     def __init__(self, cfg: AudioConfig | None = None):
         super().__init__(cfg)

@@ -51,7 +51,7 @@ class Modality(Base):
     name = "image"
     extensions = ("jpg", "jpeg", "png", "webp")
     Config = ImageConfig
-    free_keys = frozenset({"crop_scale", "crop_ratio", "hflip", "write_format"})  # augmentation only
+    free_keys = frozenset({"crop_scale", "crop_ratio", "hflip", "write_format", "max_pixels"})  # augmentation, limits
 
     def __init__(self, cfg: ImageConfig | None = None):
         super().__init__(cfg)

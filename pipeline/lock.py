@@ -39,6 +39,10 @@ def hold(directory: str | Path, break_lock: bool = False) -> Iterator[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / NAME
     me = {"host": socket.gethostname(), "pid": os.getpid(), "command": " ".join(sys.argv)[:300], "since": time.time()}
+    holder = _holder(path)
+    if holder and (holder.get("host"), holder.get("pid")) == (me["host"], me["pid"]):
+        yield path  # this process holds it already (a stage inside a command that locked its folder)
+        return
     _take(path, me, break_lock)
     try:
         yield path

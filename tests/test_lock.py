@@ -66,3 +66,22 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_one_of_another_host_only_o
     with lock.hold(tmp_path, break_lock=True):
         pass
     assert "broken on request" in caplog.text
+
+
+def test_the_shard_stage_locks_its_output_folder_and_clears_a_killed_writers_build(tmp_path):
+    from pipeline.stage import Context
+    from stages import shard
+
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        (tmp_path / "in" / f"a{i}.txt").write_text(f"text {i}")
+    out = tmp_path / "out"
+    (out / ".building-dead").mkdir(parents=True)  # what a SIGKILLed writer leaves
+    cfg = shard.Config(input=str(tmp_path / "in"), out=str(out), workers=1)
+    with lock.hold(out):  # held by this process (as `selfsup shard` holds it): the stage goes on
+        shard.run(cfg, Context(out_dir=tmp_path / "stage", progress=False))
+    assert not (out / ".building-dead").exists() and (out / "manifest.json").is_file()
+    (out / lock.NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "command": "selfsup shard",
+                                             "since": 0}))
+    with pytest.raises(lock.LockedError, match=f"in use by pid {os.getppid()}"):
+        shard.run(cfg, Context(out_dir=tmp_path / "stage", progress=False))
