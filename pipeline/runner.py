@@ -99,7 +99,8 @@ def run_recipe(path: str | Path, overrides: list[str] = (), runs: str | Path = "
 
 def _run_stages(path: Path, recipe: Recipe, modalities: dict, run_dir: Path, only, force: bool, progress: bool) -> None:
     resolved = {**dump(recipe), "modalities": {k: dump(v) for k, v in modalities.items()}}
-    _write(run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    if launch_info()[0] == 0:  # process 0 owns the run directory (it holds the lock)
+        _write(run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
     planned = [(entry, *stage_config(entry, str(path))) for entry in recipe.stages]
     unknown = sorted(set(only or ()) - {e["name"] for e, _, _ in planned})
     if unknown:
@@ -210,6 +211,6 @@ def _hash(*parts: Any) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # every process of a launch may write it
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -110,7 +110,7 @@ def train(args, acc: Accelerator) -> None:
     cfg = TrainerConfig(steps=args.steps, accumulate=2, checkpoint_every=2, keep_checkpoints=10, log_every=1)
     out = Path(args.out)
     run(model, loader, cfg, out, acc, progress=False)
-    export(model, out / "encoders", acc)
+    export(model, {"image": image}, {"data2vec": "data2vec"}, out, acc)
 
 
 def main() -> None:
