@@ -4,9 +4,13 @@ retrieval examples and what was evaluated. One string, its CSS inline, nothing f
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+from pathlib import Path
 
-from pipeline.evaluation.report import BASELINES, data_uri, escape, loses, lower_is_better
+from pipeline.evaluation import plots
+from pipeline.evaluation.report import BASELINES, loses, lower_is_better, write_atomic
 
 CSS = """
 :root { --fg: #1d232b; --muted: #5d6875; --line: #dde2e8; --bg: #f6f7f9; --bad: #b42318; --bad-bg: #fde8e6;
@@ -121,3 +125,42 @@ def fmt(value) -> str:
 
 def interval(value) -> str:
     return "—" if value is None else f"{fmt(value[0])} – {fmt(value[1])}"
+
+
+def write_html(out_dir: str | Path, report: dict, *, curves: dict[str, list[dict]] | None = None,
+               confusion: dict | None = None, embedding_map: dict | None = None,
+               retrieval_examples: list[dict] | None = None) -> Path:
+    """Write ``out_dir/report.html`` and return its path.
+
+    curves: stage name → metrics.jsonl rows (loss curves, one row kept per step); confusion:
+    {"matrix": [C, C], "labels": C names, "title"} (default: the first entry whose extra holds one);
+    embedding_map: {"x": [N, D], "labels": [N], "names": class names, "title"}; retrieval_examples:
+    [{"query", "hits": [{"key", "score", "correct", "image_png_bytes" | "audio_bytes" + "mime"}]}].
+    """
+    if confusion is None:
+        confusion = next(({"matrix": e["extra"]["confusion"], "labels": e["extra"].get("labels"),
+                           "title": f"{e['task']} confusion, {e['encoder']} on {e['data']}"}
+                          for e in report["entries"] if "confusion" in e.get("extra", {})), None)
+    figures = []
+    if (png := plots.loss_curves_png(curves)) is not None:
+        figures.append(("Training loss", png))
+    if confusion and (png := plots.confusion_png(confusion["matrix"], confusion.get("labels"),
+                                                 confusion.get("title", "confusion matrix"))) is not None:
+        figures.append(("Confusion matrix", png))
+    if embedding_map and (png := plots.embedding_png(embedding_map["x"], embedding_map.get("labels"),
+                                                     embedding_map.get("names"),
+                                                     embedding_map.get("title", "embedding map"))) is not None:
+        figures.append(("Embedding map", png))
+    text = render(report, figures, retrieval_examples or [])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "report.html", text.encode())
+    return out / "report.html"
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def escape(value) -> str:
+    return html.escape(str(value), quote=True)
