@@ -124,7 +124,8 @@ class _SourceReader:
         key = (epoch, unit.shard, unit.stop)
         it = self._open.get(key)
         if it is None:
-            it = self._open[key] = iter_samples(self.shards.shards[unit.shard].path, unit.start, unit.stop, self.exts)
+            shard = self.shards.shards[unit.shard]
+            it = self._open[key] = iter_samples(shard.path, unit.start, unit.stop, self.exts, offsets=shard.offsets)
         sample = next(it, None)
         if sample is None:
             self._open.pop(key, None)
