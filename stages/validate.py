@@ -21,6 +21,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from pipeline import registry
+from pipeline.data import remote
 from pipeline.data.shards import ShardError, iter_samples, read_manifest, resolve_spec, sha256_file
 from pipeline.data.tarstream import split_member
 from pipeline.stage import Context, StageConfig
@@ -109,6 +110,8 @@ def resolve(specs: list[str], ctx: Context) -> list[Task]:
 
 def _short(path: Path) -> Path:
     """Paths under the working directory are shown relative to it, as a person typed them."""
+    if isinstance(path, str):  # a URL
+        return path
     try:
         return path.resolve().relative_to(Path.cwd().resolve()) if path.is_absolute() else path
     except ValueError:
@@ -164,7 +167,7 @@ def _check_in_pool(task: Task) -> Result:
 def check_shard(task: Task, tick) -> Result:
     """Read one shard to the end; ``tick(n)`` reports progress every few samples."""
     res = Result(task.path)
-    if not os.path.isfile(task.path):
+    if not remote.exists(task.path):
         _add(res, f"{task.path}: no such file{', though the manifest lists it' if task.count is not None else ''}",
              shard=True)
         return res

@@ -38,6 +38,7 @@ from modalities.base import Modality
 from pipeline import registry
 from pipeline.config import Config, ConfigError
 from pipeline.data.ledger import open_ledger, truncate_ledger
+from pipeline.data.remote import set_storage_options
 from pipeline.data.resume import Topology, resume
 from pipeline.data.seeding import hash_int, sample_rng
 from pipeline.data.shards import ShardError, ShardSet, iter_samples, open_shards
@@ -71,6 +72,9 @@ class LoaderConfig(Config):
     #: directory receiving one jsonl per process listing every consumed sample (audits, tests)
     ledger: str | None = None
     prefetch_factor: int = Field(4, ge=1)
+    #: fsspec arguments per protocol for URL shards, e.g. ``{s3: {endpoint_url: …, anon: true}}``;
+    #: unset, each store reads its own environment and config files (secrets are redacted in run dirs)
+    storage_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class SampleError(RuntimeError):
@@ -266,6 +270,8 @@ class StreamingLoader:
         self.modality_cfgs = modality_cfgs or {}
         self.rank, self.world_size = rank, world_size
         self.workers_per_rank = max(1, cfg.num_workers)
+        if cfg.storage_options:
+            set_storage_options(cfg.storage_options)
         self.shardsets = {name: open_shards(src.shards, base_dir) for name, src in sources.items()}
         for src in sources.values():
             for m in src.modalities:

@@ -213,3 +213,22 @@ def read_text(path: str) -> str:
 def join(base: str, name: str) -> str:
     """``name`` relative to the folder of the URL ``base``."""
     return f"{base.rsplit('/', 1)[0]}/{name}"
+
+
+def fingerprint(url: str) -> str:
+    """What identifies a remote input without downloading it: a manifest's bytes; for other
+    objects the store's size and tag (ETag, mtime); for ``pipe:`` the command itself."""
+    import hashlib
+    import json
+
+    if url.startswith(PIPE):
+        return hashlib.sha256(url.encode()).hexdigest()
+    if url.endswith(".json"):
+        return hashlib.sha256(read_text(url).encode()).hexdigest()
+    fs, inner = filesystem(url)
+    try:
+        info = fs.info(inner)
+    except FileNotFoundError:
+        return "missing"
+    keep = {k: str(v) for k, v in info.items() if k in ("size", "ETag", "etag", "LastModified", "mtime")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
