@@ -32,7 +32,7 @@ def _handler(root: Path, faults: Faults):
         def log_message(self, *args) -> None:
             pass
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             path = Path(self.translate_path(self.path))
             m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
             if not path.is_file() or m is None:

@@ -89,7 +89,13 @@ def _transient() -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
+class _PipeFailed(OSError):
+    """A ``pipe:`` command that ended with an error status (its stderr went to the terminal)."""
+
+
 def _permanent(e: BaseException) -> bool:
+    if isinstance(e, _PipeFailed):
+        return True
     status = getattr(e, "status", None)
     if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
         return True
@@ -115,8 +121,7 @@ class RemoteFile:
 
     def _open(self) -> None:
         if self.url.startswith(PIPE):
-            self._proc = subprocess.Popen(self.url[len(PIPE):], shell=True, stdout=subprocess.PIPE,
-                                          stderr=subprocess.DEVNULL)
+            self._proc = subprocess.Popen(self.url[len(PIPE):], shell=True, stdout=subprocess.PIPE)
             self._f, self._at = self._proc.stdout, 0
             return
         fs, path = filesystem(self.url)
@@ -144,8 +149,8 @@ class RemoteFile:
                 if self._proc is not None and self._at < self.pos:
                     self._discard(self.pos - self._at)
                 data = self._f.read(n)
-                if self._proc is not None and not data and self._proc.poll() not in (None, 0):
-                    raise OSError(f"command exited with status {self._proc.returncode}")
+                if self._proc is not None and not data and n != 0 and self._proc.wait() != 0:
+                    raise _PipeFailed(f"command exited with status {self._proc.returncode}")
                 self.pos += len(data)
                 self._at = self.pos
                 return data
