@@ -19,6 +19,8 @@ class Faults:
     def __init__(self, drop_every: int = 0, busy_every: int = 0, broken: tuple[str, ...] = ()):
         self.drop_every, self.busy_every, self.broken = drop_every, busy_every, broken
         self.gets = self.dropped = self.busy = 0
+        #: GETs of a file, with or without a range
+        self.files = 0
         #: (file name, first byte) of every range GET
         self.ranges: list[tuple[str, int]] = []
         self.lock = threading.Lock()
@@ -35,6 +37,9 @@ def _handler(root: Path, faults: Faults):
         def do_GET(self) -> None:
             path = Path(self.translate_path(self.path))
             m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            if path.is_file():
+                with faults.lock:
+                    faults.files += 1
             if not path.is_file() or m is None:
                 return super().do_GET()
             with faults.lock:

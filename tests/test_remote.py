@@ -164,3 +164,27 @@ def test_secrets_are_redacted():
     out = remote.redact(cfg)
     assert out["loader"]["storage_options"]["s3"] == {"key": "***", "secret": "***", "endpoint_url": "http://x"}
     assert out["shards"] == "https://***@host/a.tar" and out["session_token"] == "***"
+
+
+def test_read_ahead_keeps_the_order(local):
+    with http_server(local) as (url, _):
+        spec = f"{url}/shards/manifest.json"
+        ahead = [k for b in loader(spec, read_ahead=8) for k in b["__key__"]]
+        plain = [k for b in loader(spec, read_ahead=0) for k in b["__key__"]]
+        assert ahead == plain and Counter(ahead) == ALL
+        assert plain == [k for b in loader(str(local / "shards")) for k in b["__key__"]]  # as from local disk
+
+
+def test_a_local_cache_serves_later_reads(local, tmp_path):
+    cache = tmp_path / "cache"
+    remote.set_storage_options({"filecache": {"cache_storage": str(cache)}})
+    try:
+        with http_server(local) as (url, faults):
+            spec = f"filecache::{url}/shards/shard-{{000000..000002}}.tar"
+            first = [s["__key__"] for s in open_shards(spec).shards for s in iter_samples(s.path)]
+            asked = faults.files
+            again = [s["__key__"] for s in open_shards(spec).shards for s in iter_samples(s.path)]
+        assert first == again and len(first) == 30
+        assert len(list(cache.iterdir())) >= 3 and asked >= 3 and faults.files == asked  # nothing fetched twice
+    finally:
+        remote.set_storage_options(None)

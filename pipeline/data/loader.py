@@ -38,7 +38,7 @@ from modalities.base import Modality
 from pipeline import registry
 from pipeline.config import Config, ConfigError
 from pipeline.data.ledger import open_ledger, truncate_ledger
-from pipeline.data.remote import set_storage_options
+from pipeline.data.remote import is_url, read_ahead, set_storage_options
 from pipeline.data.resume import Topology, resume
 from pipeline.data.seeding import hash_int, sample_rng
 from pipeline.data.shards import ShardError, ShardSet, iter_samples, open_shards
@@ -75,6 +75,8 @@ class LoaderConfig(Config):
     #: fsspec arguments per protocol for URL shards, e.g. ``{s3: {endpoint_url: …, anon: true}}``;
     #: unset, each store reads its own environment and config files (secrets are redacted in run dirs)
     storage_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: samples of each open remote unit fetched ahead in the background (0: none); local shards never
+    read_ahead: int = Field(64, ge=0)
 
 
 class SampleError(RuntimeError):
@@ -129,7 +131,10 @@ class _SourceReader:
         it = self._open.get(key)
         if it is None:
             shard = self.shards.shards[unit.shard]
-            it = self._open[key] = iter_samples(shard.path, unit.start, unit.stop, self.exts, offsets=shard.offsets)
+            it = iter_samples(shard.path, unit.start, unit.stop, self.exts, offsets=shard.offsets)
+            if self.cfg.read_ahead and is_url(shard.path):
+                it = read_ahead(it, self.cfg.read_ahead)
+            self._open[key] = it
         sample = next(it, None)
         if sample is None:
             self._open.pop(key, None)

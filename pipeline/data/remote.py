@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import re
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 #: a URL: a scheme of two or more letters (so a Windows drive letter is not one), then ``://``
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+(::[A-Za-z][A-Za-z0-9+.-]+)*://")
 PIPE = "pipe:"
 #: bytes asked of the store per request; the tar reader asks in 256 KiB pieces
 BLOCK = 1 << 22
@@ -52,6 +55,8 @@ def filesystem(url: str):
     import fsspec
 
     proto = url.split("://", 1)[0]
+    if "::" in proto:  # a chain such as filecache::s3://…: each layer takes the options named after it
+        return fsspec.core.url_to_fs(url, **_OPTIONS)
     return fsspec.core.url_to_fs(url, **_OPTIONS.get(proto, {}))
 
 
@@ -237,3 +242,45 @@ def fingerprint(url: str) -> str:
         return "missing"
     keep = {k: str(v) for k, v in info.items() if k in ("size", "ETag", "etag", "LastModified", "mtime")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
+def read_ahead(samples: Iterator[dict], depth: int) -> Iterator[dict]:
+    """``samples`` read by a background thread up to ``depth`` samples ahead of the consumer: the
+    next bytes of a remote shard arrive while the current batch is decoded. Order and content are
+    unchanged (the loader's position counts what the consumer took); an error reaches the consumer
+    at the sample where it happened."""
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def pump() -> None:
+        try:
+            for sample in samples:
+                while not stop.is_set():
+                    try:
+                        box.put((sample, None), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put((done, None))
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer, who raises it)
+            box.put((done, e))
+        finally:
+            close = getattr(samples, "close", None)
+            if stop.is_set() and close is not None:
+                close()
+
+    thread = threading.Thread(target=pump, daemon=True, name="read-ahead")
+    thread.start()
+    try:
+        while True:
+            sample, error = box.get()
+            if error is not None:
+                raise error
+            if sample is done:
+                return
+            yield sample
+    finally:
+        stop.set()
