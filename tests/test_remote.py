@@ -188,3 +188,18 @@ def test_a_local_cache_serves_later_reads(local, tmp_path):
         assert len(list(cache.iterdir())) >= 3 and asked >= 3 and faults.files == asked  # nothing fetched twice
     finally:
         remote.set_storage_options(None)
+
+
+def test_shard_stage_reads_a_url_and_writes_to_s3(local, s3, tmp_path):
+    from stages import shard
+
+    with http_server(local) as (url, _):
+        cfg = shard.Config(input=f"{url}/shards/manifest.json", out="s3://bucket/resharded", max_count=40, workers=1)
+        ctx = Context(out_dir=tmp_path / "stage", progress=False)
+        ctx.out_dir.mkdir()
+        summary = shard.run(cfg, ctx)
+    assert summary["out"] == "s3://bucket/resharded" and summary["samples"] == 120 and summary["shards"] == 3
+    again = open_shards("s3://bucket/resharded/manifest.json")
+    assert [s.count for s in again.shards] == [40, 40, 40] and all(len(s.offsets) == 40 for s in again.shards)
+    assert Counter(s["__key__"] for sh in again.shards for s in iter_samples(sh.path)) == ALL
+    assert not (tmp_path / "stage" / "upload").exists()
