@@ -203,3 +203,37 @@ def test_shard_stage_reads_a_url_and_writes_to_s3(local, s3, tmp_path):
     assert [s.count for s in again.shards] == [40, 40, 40] and all(len(s.offsets) == 40 for s in again.shards)
     assert Counter(s["__key__"] for sh in again.shards for s in iter_samples(sh.path)) == ALL
     assert not (tmp_path / "stage" / "upload").exists()
+
+
+def test_pretrain_over_faulty_http_sigkilled_and_resumed(tmp_path):
+    """A pretrain run streaming from the fault-injecting server is SIGKILLed after its first
+    checkpoint and resumed: the ledger shows each of two epochs with every sample once."""
+    import signal
+    import time
+
+    from test_loop import run_cli
+
+    from pipeline.train import checkpoint
+
+    root = tmp_path / "store"
+    image_shards(root / "shards", n=96, per_shard=12)
+    with http_server(root, Faults(drop_every=5, busy_every=9)) as (url, faults):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(json.dumps({"name": "r", "seed": 3, "stages": [], "modalities": {"image": {"size": 16}},
+                                      "sources": {"imgs": {"shards": f"{url}/shards/manifest.json",
+                                                           "modalities": ["image"]}}}))
+        out, steps, every = tmp_path / "run", 24, 6
+        killed = run_cli(out, recipe, steps, every)
+        first = out / "checkpoints" / f"step_{every:08d}"
+        deadline = time.time() + 120
+        while not first.is_dir() and killed.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        killed.send_signal(signal.SIGKILL)
+        assert killed.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+        assert int(checkpoint.latest(out / "checkpoints").name[5:]) < steps
+        resumed = run_cli(out, recipe, steps, every)
+        assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+    keys = ranks_keys(out / "ledger")[0]
+    assert len(keys) == steps * 8
+    assert all(len(set(keys[i:i + 96])) == 96 for i in (0, 96))  # each epoch: every sample once
+    assert faults.dropped and faults.busy
