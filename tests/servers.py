@@ -117,3 +117,13 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+if __name__ == "__main__":  # python tests/servers.py ROOT: serve ROOT over HTTP (ranges) until killed
+    import sys
+    import time
+
+    with http_server(Path(sys.argv[1])) as (base, _):
+        print(base, flush=True)
+        while True:
+            time.sleep(3600)
