@@ -237,3 +237,15 @@ def test_pretrain_over_faulty_http_sigkilled_and_resumed(tmp_path):
     assert len(keys) == steps * 8
     assert all(len(set(keys[i:i + 96])) == 96 for i in (0, 96))  # each epoch: every sample once
     assert faults.dropped and faults.busy
+
+
+def test_shards_read_unchanged_by_webdataset_and_hf_datasets(local):
+    """The offsets live in the manifest only: the tar files stay plain webdataset shards."""
+    import datasets
+    import webdataset as wds
+
+    files = sorted(str(p) for p in (local / "shards").glob("*.tar"))
+    got = [s["__key__"] for s in wds.WebDataset(files, shardshuffle=False, empty_check=False)]
+    assert got == [f"s{i:05d}" for i in range(120)]
+    ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train")
+    assert len(ds) == 120 and ds[7]["__key__"] == "s00007" and ds[7]["cls"] == 3
