@@ -22,7 +22,7 @@ from pydantic import Field, field_validator
 
 from pipeline import registry
 from pipeline.data import remote
-from pipeline.data.shards import ShardError, iter_samples, read_manifest, resolve_spec, sha256_file
+from pipeline.data.shards import ShardError, index_shards, iter_samples, read_manifest, resolve_spec, sha256_file
 from pipeline.data.tarstream import split_member
 from pipeline.stage import Context, StageConfig
 
@@ -37,6 +37,8 @@ class Config(StageConfig):
     workers: int = Field(default=2, ge=0, description="dataloader workers per training process")
     jobs: int | None = Field(default=None, ge=1, description="checking processes (default: one per core)")
     max_errors: int = Field(default=50, ge=0, description="errors listed; the rest are only counted")
+    index: bool = Field(default=False, description="shards without a manifest that pass: write one beside them "
+                                                   "(counts, sha256, per-sample byte offsets for exact remote resume)")
 
     @field_validator("require", mode="before")
     @classmethod
@@ -91,6 +93,9 @@ def run(cfg: Config, ctx: Context) -> dict:
     finally:
         bar.close()
     summary = _summarize(cfg, tasks, results, time.time() - t0)
+    if cfg.index and summary["status"] == "ok":
+        summary["indexed"] = [index_shards(found.files) for spec in cfg.shards
+                              if (found := resolve_spec(_short(ctx.path(spec)))).manifest is None]
     _report(summary, cfg.max_errors)
     (ctx.out_dir / "report.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -249,3 +249,21 @@ def test_shards_read_unchanged_by_webdataset_and_hf_datasets(local):
     assert got == [f"s{i:05d}" for i in range(120)]
     ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train")
     assert len(ds) == 120 and ds[7]["__key__"] == "s00007" and ds[7]["cls"] == 3
+
+
+def test_validate_indexes_shards_without_a_manifest(local, s3, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    for p in sorted((local / "shards").glob("*.tar"))[:3]:
+        fs.put_file(str(p), f"bucket/bare/{p.name}")
+    assert not open_shards("s3://bucket/bare/*.tar").shards[0].offsets
+    ctx = Context(out_dir=tmp_path / "v", progress=False)
+    ctx.out_dir.mkdir()
+    summary = validate.run(validate.Config(shards=["s3://bucket/bare/*.tar"], jobs=1, index=True), ctx)
+    assert summary["status"] == "ok" and summary["indexed"] == ["s3://bucket/bare/manifest.json"]
+    fs.invalidate_cache()
+    indexed, written = open_shards("s3://bucket/bare").shards, open_shards(str(local / "shards")).shards[:3]
+    assert [(s.count, s.sha256, s.offsets) for s in indexed] == [(s.count, s.sha256, s.offsets) for s in written]
+    with pytest.raises(ConfigError, match="exists already"):
+        validate.run(validate.Config(shards=["s3://bucket/bare/*.tar"], jobs=1, index=True), ctx)

@@ -278,6 +278,34 @@ def sample_offsets(path: str) -> list[int]:
     return offsets
 
 
+def index_shards(files: Sequence[str]) -> str:
+    """Write ``manifest.json`` (counts, keys, sha256 and per-sample offsets) beside existing shards
+    that have none, so later readers enter them at a unit's first sample by a range request. Built
+    once: each shard is read twice (headers, then the bytes for its sha256). Returns its path/URL."""
+    folders = {f.rsplit("/", 1)[0] for f in files}
+    if len(folders) != 1 or any(f.startswith(remote.PIPE) for f in files):
+        raise ConfigError(f"index: shards must share one folder to get a {MANIFEST} ({len(folders)} folders)")
+    (folder,) = folders
+    target = f"{folder}/{MANIFEST}"
+    if remote.exists(target):
+        raise ConfigError(f"index: {target} exists already")
+    entries = []
+    for f in files:
+        keys, count = set(), 0
+        for sample in iter_samples(f, exts=()):
+            count += 1
+            keys.update(k for k in sample if not k.startswith("__"))
+        entries.append({"path": f.rsplit("/", 1)[1], "count": count, "keys": sorted(keys), "sha256": sha256_file(f),
+                        **({"offsets": sample_offsets(f)} if not f.endswith((".gz", ".tgz")) else {})})
+    text = json.dumps({"format": "webdataset", "total": sum(e["count"] for e in entries), "shards": entries}, indent=1)
+    if remote.is_url(target):
+        fs, inner = remote.filesystem(target)
+        fs.pipe_file(inner, text.encode())
+    else:
+        Path(target).write_text(text)
+    return target
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with remote.open_bytes(str(path)) as f:
