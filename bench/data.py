@@ -75,9 +75,9 @@ def cpu_seconds() -> float:
 # -- ours ---------------------------------------------------------------------------------------
 
 
-def ours_batches(args, workers: int):
+def ours_batches(args, workers: int, spec: str | None = None):
     loader = StreamingLoader(
-        {"bench": SourceConfig(shards=args.shard_spec, modalities=["image"], label=args.label)},
+        {"bench": SourceConfig(shards=spec or args.shard_spec, modalities=["image"], label=args.label)},
         LoaderConfig(batch_size=args.batch_size, num_workers=workers, epochs=1, augment=True,
                      prefetch_factor=PREFETCH),
         {"image": ImageConfig(size=args.size, channels=args.channels)},
@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="where HF does the per-sample work: DataLoader collate_fn, or IterableDataset.map")
     p.add_argument("--plain-tar", action="store_true",
                    help="decompress the shards to plain .tar in a temp dir first (both loaders read those)")
+    p.add_argument("--remote", action="store_true",
+                   help="also time ours reading the same shards from a loopback HTTP server and a moto S3 server "
+                        "(each in its own process)")
     p.add_argument("--profile", type=int, metavar="WORKERS", default=None,
                    help="instead of benchmarking, cProfile one epoch of ours with this num_workers (0 profiles everything)")
     args = p.parse_args(argv)
@@ -241,13 +244,53 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="bench-tar-"))
         args.files = plain_copies(args.files, [s.count for s in shardset.shards], tmp)
         args.shard_spec = str(tmp)
+    servers = []
     try:
+        if args.remote:
+            servers = serve_remote(args)
+            args.loaders = [*args.loaders, "http", "s3"]
         if args.profile is not None:
             return profile(args)
         return bench(args, total)
     finally:
+        for proc in servers:
+            proc.kill()
+            proc.wait()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def serve_remote(args) -> list:
+    """Start an HTTP server over the shard folder and a moto S3 server holding a copy of it, each in
+    its own process; sets ``args.http_spec`` / ``args.s3_spec`` and the S3 environment (workers inherit it)."""
+    import socket
+    import subprocess
+
+    folder = Path(args.shard_spec)
+    if not (folder / MANIFEST).is_file():
+        raise SystemExit("--remote needs a shard folder with a manifest")
+    http = subprocess.Popen([sys.executable, str(ROOT / "tests" / "servers.py"), str(folder)],
+                            stdout=subprocess.PIPE, text=True)
+    args.http_spec = f"{http.stdout.readline().strip()}/{MANIFEST}"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    s3 = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    for _ in range(100):
+        try:
+            fs.mkdir("bench")
+            break
+        except OSError:
+            time.sleep(0.1)
+    fs.put(str(folder) + "/", "bench/shards/", recursive=True)
+    args.s3_spec = "s3://bench/shards"
+    return [http, s3]
 
 
 def profile(args) -> int:
@@ -268,7 +311,8 @@ def bench(args, total: int) -> int:
     import datasets
     import PIL
 
-    makers = {"ours": ours_batches, "hf": hf_batches}
+    makers = {"ours": ours_batches, "hf": hf_batches,
+              "http": lambda a, w: ours_batches(a, w, a.http_spec), "s3": lambda a, w: ours_batches(a, w, a.s3_spec)}
     if "hf" in args.loaders:
         t = time.perf_counter()
         args.hf_ds, image_key = hf_dataset(args)
@@ -308,17 +352,24 @@ def bench(args, total: int) -> int:
             cpu = statistics.median(x["samples"] / x["cpu"] for x in xs)
             first = statistics.median(x["first"] for x in xs)
             other = max(x["other"] for x in xs)
-            label = "ours (StreamingLoader)" if name == "ours" else f"HF datasets streaming ({args.hf_mode})"
+            label = {"ours": "ours (StreamingLoader)", "http": "ours over HTTP (loopback server)",
+                     "s3": "ours over S3 (moto server)"}.get(name, f"HF datasets streaming ({args.hf_mode})")
             print(f"| {label} | {w} | {rate(name, w):.0f} | {min(rates):.0f}–{max(rates):.0f} | {cpu:.0f} | {first:.2f} | {other:.2f} |")
     if max(x["other"] for xs in runs.values() for x in xs) > 0.2:
         print("WARNING: other processes used CPU during some runs ('other load', in cores); wall-clock rates "
               "are lower than on an idle machine")
-    if set(args.loaders) == {"ours", "hf"}:
+    if {"ours", "hf"} <= set(args.loaders):
         print()
         print("| workers | ours/HF |")
         print("|---|---|")
         for w in args.workers:
             print(f"| {w} | {rate('ours', w) / rate('hf', w):.2f}× |")
+    if "http" in args.loaders and "ours" in args.loaders:
+        print()
+        print("| workers | HTTP / local | S3 / local |")
+        print("|---|---|---|")
+        for w in args.workers:
+            print(f"| {w} | {rate('http', w) / rate('ours', w):.2f}× | {rate('s3', w) / rate('ours', w):.2f}× |")
     if "ours" in args.loaders and 0 in args.workers:
         xs = runs[("ours", 0)]
         per_core = rate("ours", 0)

@@ -25,6 +25,7 @@ from pydantic import Field
 from pipeline import lock, registry
 from pipeline.config import Config, ConfigError, apply_overrides, build, dump, load_yaml
 from pipeline.data.loader import SourceConfig
+from pipeline.data.remote import redact
 from pipeline.stage import Context, Stage, StageConfig
 
 log = logging.getLogger("selfsup")
@@ -100,7 +101,7 @@ def run_recipe(path: str | Path, overrides: list[str] = (), runs: str | Path = "
 def _run_stages(path: Path, recipe: Recipe, modalities: dict, run_dir: Path, only, force: bool, progress: bool) -> None:
     resolved = {**dump(recipe), "modalities": {k: dump(v) for k, v in modalities.items()}}
     if launch_info()[0] == 0:  # process 0 owns the run directory (it holds the lock)
-        _write(run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        _write(run_dir / "recipe.yaml", yaml.safe_dump(redact(resolved), sort_keys=False))
     planned = [(entry, *stage_config(entry, str(path))) for entry in recipe.stages]
     unknown = sorted(set(only or ()) - {e["name"] for e, _, _ in planned})
     if unknown:
@@ -110,7 +111,7 @@ def _run_stages(path: Path, recipe: Recipe, modalities: dict, run_dir: Path, onl
     for entry, stage, cfg in planned:
         ctx = Context.of_recipe(recipe, modalities, path, run_dir, run_dir / entry["name"], progress)
         inputs = stage.inputs(cfg, ctx)
-        chain = _hash(chain, entry.get("stage", entry["name"]), dump(cfg), [fingerprint(Path(p)) for p in inputs])
+        chain = _hash(chain, entry.get("stage", entry["name"]), dump(cfg), [fingerprint(_input(p)) for p in inputs])
         if only and entry["name"] not in only:
             continue
         run_stage(stage, cfg, ctx, chain, force)
@@ -134,7 +135,7 @@ def run_stage(stage: Stage, cfg, ctx: Context, digest: str, force: bool = False,
         log.info("%s: continuing an interrupted run", ctx.out_dir.name)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     _write(started, json.dumps({"hash": digest, "started": time.time(), "launch": launch}))
-    _write(ctx.out_dir / "config.yaml", yaml.safe_dump(dump(cfg), sort_keys=False))
+    _write(ctx.out_dir / "config.yaml", yaml.safe_dump(redact(dump(cfg)), sort_keys=False))
     log.info("%s: running", ctx.out_dir.name)
     t0 = time.time()
     summary = stage.run(cfg, ctx) or {}
@@ -193,8 +194,17 @@ def _follow(stage: Stage, cfg, ctx: Context, digest: str, force: bool, launch: s
     return wait(ctx.out_dir / "done.json", need_launch=True)["summary"]
 
 
+def _input(p: str) -> Path | str:
+    return p if "://" in str(p) else Path(p)
+
+
 def fingerprint(path: Path) -> str:
-    """Content hash of an input: a file's bytes, a shard folder's manifest, or a folder's listing."""
+    """Content hash of an input: a file's bytes, a shard folder's manifest, or a folder's listing;
+    for a URL, its manifest's bytes or the store's size and tag (no shard is downloaded)."""
+    from pipeline.data import remote
+
+    if remote.is_url(str(path)):
+        return remote.fingerprint(str(path))
     if path.is_file():
         return hashlib.sha256(path.read_bytes()).hexdigest() if path.stat().st_size < 1 << 26 else \
             f"{path.stat().st_size}:{path.stat().st_mtime_ns}"

@@ -76,6 +76,10 @@ class Context:
             if self.run_dir is None:
                 raise ConfigError(f"{text}: '{{run}}' only has a meaning inside a recipe run")
             text = text.replace("{run}", str(self.run_dir))
+        from pipeline.data.remote import is_url
+
+        if is_url(text):  # s3://, https://, pipe:…: passed through as given (a Path would fold '//')
+            return text  # type: ignore[return-value]
         p = Path(text)
         return p if p.is_absolute() else self.base_dir / p
 

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 
 from pipeline import lock
 from pipeline.data.paths import escape
+from pipeline.data.remote import is_url, upload
 from pipeline.data.shards import write_shards
 from pipeline.data.sources import SampleEncoder, open_source, unique
 from pipeline.stage import Context, StageConfig
@@ -57,12 +58,20 @@ def run(cfg: Config, ctx: Context) -> dict:
     encoder = SampleEncoder(cfg.fields, ctx.modalities, cfg.key_field, allow_outside=cfg.allow_outside)
     source = unique(open_source(ctx.path(cfg.input), cfg.format, cfg.split), encoder, cfg.duplicates, ctx.log)
     out = ctx.path(cfg.out) if cfg.out else ctx.out_dir
+    if is_url(str(out)):  # written locally in the stage's folder, then uploaded: shards first, manifest last
+        url, out = str(out).rstrip("/"), ctx.out_dir / "upload"
+    else:
+        url = None
     with lock.hold(out):  # one writer per shard folder, also when a recipe writes it outside its run
         for stale in out.glob(".building-*"):  # left by a writer that was killed; the lock says none runs
             shutil.rmtree(stale, ignore_errors=True)
         manifest = write_shards(source, encoder, out, prefix=cfg.prefix, max_count=cfg.max_count,
                                 max_size=cfg.max_size, compress=cfg.compress, workers=cfg.workers,
                                 progress=ctx.progress)
+    if url is not None:
+        upload(out, url, [s["path"] for s in manifest["shards"]])
+        shutil.rmtree(out, ignore_errors=True)
+        out = url
     keys = sorted({k for s in manifest["shards"] for k in s["keys"]})
     ctx.log.info("wrote %d samples in %d shards to %s (keys: %s)", manifest["total"], len(manifest["shards"]), out,
                  ", ".join(keys))

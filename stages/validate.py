@@ -21,7 +21,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from pipeline import registry
-from pipeline.data.shards import ShardError, iter_samples, read_manifest, resolve_spec, sha256_file
+from pipeline.data import remote
+from pipeline.data.shards import ShardError, index_shards, iter_samples, read_manifest, resolve_spec, sha256_file
 from pipeline.data.tarstream import split_member
 from pipeline.stage import Context, StageConfig
 
@@ -36,6 +37,8 @@ class Config(StageConfig):
     workers: int = Field(default=2, ge=0, description="dataloader workers per training process")
     jobs: int | None = Field(default=None, ge=1, description="checking processes (default: one per core)")
     max_errors: int = Field(default=50, ge=0, description="errors listed; the rest are only counted")
+    index: bool = Field(default=False, description="shards without a manifest that pass: write one beside them "
+                                                   "(counts, sha256, per-sample byte offsets for exact remote resume)")
 
     @field_validator("require", mode="before")
     @classmethod
@@ -90,6 +93,9 @@ def run(cfg: Config, ctx: Context) -> dict:
     finally:
         bar.close()
     summary = _summarize(cfg, tasks, results, time.time() - t0)
+    if cfg.index and summary["status"] == "ok":
+        summary["indexed"] = [index_shards(found.files) for spec in cfg.shards
+                              if (found := resolve_spec(_short(ctx.path(spec)))).manifest is None]
     _report(summary, cfg.max_errors)
     (ctx.out_dir / "report.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -109,6 +115,8 @@ def resolve(specs: list[str], ctx: Context) -> list[Task]:
 
 def _short(path: Path) -> Path:
     """Paths under the working directory are shown relative to it, as a person typed them."""
+    if isinstance(path, str):  # a URL
+        return path
     try:
         return path.resolve().relative_to(Path.cwd().resolve()) if path.is_absolute() else path
     except ValueError:
@@ -164,7 +172,7 @@ def _check_in_pool(task: Task) -> Result:
 def check_shard(task: Task, tick) -> Result:
     """Read one shard to the end; ``tick(n)`` reports progress every few samples."""
     res = Result(task.path)
-    if not os.path.isfile(task.path):
+    if not remote.exists(task.path):
         _add(res, f"{task.path}: no such file{', though the manifest lists it' if task.count is not None else ''}",
              shard=True)
         return res

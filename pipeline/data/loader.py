@@ -38,6 +38,7 @@ from modalities.base import Modality
 from pipeline import registry
 from pipeline.config import Config, ConfigError
 from pipeline.data.ledger import open_ledger, truncate_ledger
+from pipeline.data.remote import is_url, read_ahead, set_storage_options
 from pipeline.data.resume import Topology, resume
 from pipeline.data.seeding import hash_int, sample_rng
 from pipeline.data.shards import ShardError, ShardSet, iter_samples, open_shards
@@ -71,6 +72,11 @@ class LoaderConfig(Config):
     #: directory receiving one jsonl per process listing every consumed sample (audits, tests)
     ledger: str | None = None
     prefetch_factor: int = Field(4, ge=1)
+    #: fsspec arguments per protocol for URL shards, e.g. ``{s3: {endpoint_url: …, anon: true}}``;
+    #: unset, each store reads its own environment and config files (secrets are redacted in run dirs)
+    storage_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: samples of each open remote unit fetched ahead in the background (0: none); local shards never
+    read_ahead: int = Field(64, ge=0)
 
 
 class SampleError(RuntimeError):
@@ -124,7 +130,11 @@ class _SourceReader:
         key = (epoch, unit.shard, unit.stop)
         it = self._open.get(key)
         if it is None:
-            it = self._open[key] = iter_samples(self.shards.shards[unit.shard].path, unit.start, unit.stop, self.exts)
+            shard = self.shards.shards[unit.shard]
+            it = iter_samples(shard.path, unit.start, unit.stop, self.exts, offsets=shard.offsets)
+            if self.cfg.read_ahead and is_url(shard.path):
+                it = read_ahead(it, self.cfg.read_ahead)
+            self._open[key] = it
         sample = next(it, None)
         if sample is None:
             self._open.pop(key, None)
@@ -265,6 +275,8 @@ class StreamingLoader:
         self.modality_cfgs = modality_cfgs or {}
         self.rank, self.world_size = rank, world_size
         self.workers_per_rank = max(1, cfg.num_workers)
+        if cfg.storage_options:
+            set_storage_options(cfg.storage_options)
         self.shardsets = {name: open_shards(src.shards, base_dir) for name, src in sources.items()}
         for src in sources.values():
             for m in src.modalities:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Sequence
 
 from pipeline.config import ConfigError
-from pipeline.data.paths import inside, member_name
+from pipeline.data import remote
+from pipeline.data.paths import escape, inside, member_name
 from pipeline.data.tarstream import TarStream, split_member
 
 MANIFEST = "manifest.json"
@@ -39,6 +41,9 @@ class Shard:
     count: int
     sha256: str | None = None
     keys: tuple[str, ...] = ()
+    #: byte offset of each sample's first tar header (uncompressed shards written by ``shard``):
+    #: a reader starting at sample i enters the file there, by a range request for a URL
+    offsets: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,21 +72,28 @@ def expand_braces(pattern: str) -> list[str]:
 class SpecFiles:
     """Where one shard spec points: its manifest, or (without one) its tar files."""
 
-    #: the spec as a path (relative ones joined to the base)
-    given: Path
-    manifest: Path | None
+    #: the spec as a path (relative ones joined to the base), or a URL as given
+    given: Path | str
+    manifest: Path | str | None
     files: tuple[str, ...] = ()
 
     @property
     def inputs(self) -> list[str]:
         """What to fingerprint for this spec: the folder or manifest named, or the tar files matched."""
+        if isinstance(self.given, str):
+            return [str(self.manifest)] if self.manifest else list(self.files)
         return [str(self.given)] if self.given.is_dir() or self.manifest else list(self.files)
 
 
 def resolve_spec(spec: str | Path, base: Path | None = None) -> SpecFiles:
     """A directory holding ``manifest.json``, a manifest path, a directory of tar files, a brace
     pattern or a glob → its manifest or its tar files, without reading any tar. The one place shard
-    specs are interpreted: the loader, ``validate`` and ``tokenize`` all come through here."""
+    specs are interpreted: the loader, ``validate`` and ``tokenize`` all come through here.
+
+    URLs (``s3://``, ``https://``, any fsspec protocol) and ``pipe:COMMAND`` are taken as given,
+    without the base: see ``resolve_url``."""
+    if remote.is_url(str(spec)):
+        return resolve_url(str(spec))
     given = path = Path(spec) if base is None or Path(spec).is_absolute() else base / spec
     if path.is_dir() and (path / MANIFEST).is_file():
         path = path / MANIFEST
@@ -94,6 +106,40 @@ def resolve_spec(spec: str | Path, base: Path | None = None) -> SpecFiles:
     return SpecFiles(given, None, tuple(list_tar_files(path)))
 
 
+def resolve_url(spec: str) -> SpecFiles:
+    """A URL spec: ``…/manifest.json``; a brace pattern or glob of tar URLs; a folder URL (its
+    manifest, else the tar files listed in it); or ``pipe:COMMAND`` (one shard, whose braces expand
+    into several commands as in webdataset). Patterns without glob characters are not listed, so
+    plain HTTP servers work; a missing shard is found when read."""
+    if spec.startswith(remote.PIPE):
+        return SpecFiles(spec, None, tuple(expand_braces(spec)))
+    if spec.rstrip("/").endswith("/" + MANIFEST):
+        if not remote.exists(spec):
+            raise ConfigError(f"shards {spec}: no such manifest")
+        return SpecFiles(spec, spec)
+    files = []
+    for pat in expand_braces(spec):
+        if pat.endswith(TAR_SUFFIXES) and not any(c in pat for c in "*?["):
+            files.append(pat)
+            continue
+        fs, inner = remote.filesystem(pat)
+        proto = pat.split("://", 1)[0]
+        if any(c in pat for c in "*?["):
+            found = sorted(fs.glob(inner))
+        else:  # a folder
+            folder = pat.rstrip("/")
+            if remote.exists(f"{folder}/{MANIFEST}"):
+                return SpecFiles(spec, f"{folder}/{MANIFEST}")
+            try:
+                found = sorted(e for e in fs.ls(inner, detail=False))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"shards {spec}: cannot list this folder ({e}); name the manifest or the files") from None
+        files += [f if "://" in f else f"{proto}://{f}" for f in found if f.endswith(TAR_SUFFIXES)]
+    if not files:
+        raise ConfigError(f"shards {spec}: no tar files found")
+    return SpecFiles(spec, None, tuple(files))
+
+
 def open_shards(spec: str | Path | Sequence[str | Path], base: Path | None = None) -> ShardSet:
     """Resolve a shard spec (see ``resolve_spec``) or a list of them into a ``ShardSet``. Shards
     without a manifest are counted by reading tar headers; shards a manifest lists must exist."""
@@ -104,6 +150,8 @@ def open_shards(spec: str | Path | Sequence[str | Path], base: Path | None = Non
     if found.manifest is None:
         return ShardSet(tuple(Shard(f, count_samples(f)) for f in found.files))
     shardset = read_manifest(found.manifest)
+    if remote.is_url(str(found.manifest)):
+        return shardset  # one request per shard to check each exists would cost more than reading it
     missing = next((s.path for s in shardset.shards if not os.path.isfile(s.path)), None)
     if missing is not None:
         raise ConfigError(f"{found.manifest}: lists shard {Path(missing).name}, which does not exist "
@@ -123,29 +171,46 @@ def list_tar_files(path: Path) -> list[str]:
     return files
 
 
-def read_manifest(path: Path) -> ShardSet:
-    """The shards a manifest lists (paths relative to its folder, which they may not leave)."""
+def read_manifest(path: Path | str) -> ShardSet:
+    """The shards a manifest lists (paths relative to its folder, which they may not leave); the
+    manifest may be a URL, its shards are then URLs beside it."""
+    url = remote.is_url(str(path))
     try:
-        data = json.loads(path.read_text())
-        entries = [(s["path"], int(s["count"]), s.get("sha256"), tuple(s.get("keys", ()))) for s in data["shards"]]
+        data = json.loads(remote.read_text(str(path)) if url else Path(path).read_text())
+        entries = [(s["path"], int(s["count"]), s.get("sha256"), tuple(s.get("keys", ())),
+                    tuple(int(o) for o in s.get("offsets", ()))) for s in data["shards"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path}: not a valid shard manifest ({type(e).__name__}: {e})") from None
-    shards = tuple(Shard(str(inside(path.parent, name, f"{path}: shard")), count, sha, keys)
-                   for name, count, sha, keys in entries)
-    return ShardSet(shards, manifest=str(path))
+    shards = []
+    for name, count, sha, keys, offsets in entries:
+        if len(offsets) != count or any(b <= a for a, b in itertools.pairwise(offsets)):
+            offsets = ()  # only a shortcut: without it a reader walks the headers (validate reports the count)
+        if url:
+            if problem := escape(name):
+                raise ConfigError(f"{path}: shard: {name!r} {problem}; it must stay beside the manifest")
+            where = remote.join(str(path), name)
+        else:
+            where = str(inside(Path(path).parent, name, f"{path}: shard"))
+        shards.append(Shard(where, count, sha, keys, offsets))
+    return ShardSet(tuple(shards), manifest=str(path))
 
 
 def iter_samples(path: str, start: int = 0, stop: int | None = None, exts: Collection[str] | None = None,
-                 on_other: Callable[[str, str], None] | None = None) -> Iterator[dict[str, Any]]:
+                 on_other: Callable[[str, str], None] | None = None,
+                 offsets: Sequence[int] = ()) -> Iterator[dict[str, Any]]:
     """Samples ``start..stop`` of one shard, in tar order, as ``{"__key__", "__index__", ext: bytes}``.
     Samples before ``start`` are stepped over without reading their data. With ``exts``, members of
     other extensions are stepped over too and appear in the sample as None, so a sample still
     shows everything its shard holds. Links and other special members are stepped over; ``on_other``
-    hears of each (name, kind)."""
+    hears of each (name, kind). With the shard's ``offsets`` (from its manifest), reading starts at
+    sample ``start``'s byte instead of walking the headers before it."""
     key, sample, index = None, {}, -1
     stream = None
+    at = offsets[start] if start and len(offsets) > start and not path.endswith((".gz", ".tgz")) else 0
+    if at:
+        index = start - 1
     try:
-        stream = TarStream(path, on_other)
+        stream = TarStream(path, on_other, at)
         while (member := stream.next_member()) is not None:
             name, size = member
             name_key, ext = split_member(name)
@@ -193,9 +258,57 @@ def count_samples(path: str) -> int:
     return keys
 
 
+def sample_offsets(path: str) -> list[int]:
+    """Byte offset of each sample's first tar header; empty for a compressed shard (it cannot be
+    entered mid-stream)."""
+    offsets, last = [], None
+    stream = TarStream(path)
+    try:
+        while (member := stream.next_member()) is not None:
+            if stream.compressed:
+                return []
+            name, size = member
+            key = split_member(name)[0]
+            if key != last:
+                offsets.append(stream.member_start)
+                last = key
+            stream.skip(size)
+    finally:
+        stream.close()
+    return offsets
+
+
+def index_shards(files: Sequence[str]) -> str:
+    """Write ``manifest.json`` (counts, keys, sha256 and per-sample offsets) beside existing shards
+    that have none, so later readers enter them at a unit's first sample by a range request. Built
+    once: each shard is read twice (headers, then the bytes for its sha256). Returns its path/URL."""
+    folders = {f.rsplit("/", 1)[0] for f in files}
+    if len(folders) != 1 or any(f.startswith(remote.PIPE) for f in files):
+        raise ConfigError(f"index: shards must share one folder to get a {MANIFEST} ({len(folders)} folders)")
+    (folder,) = folders
+    target = f"{folder}/{MANIFEST}"
+    if remote.exists(target):
+        raise ConfigError(f"index: {target} exists already")
+    entries = []
+    for f in files:
+        keys, count = set(), 0
+        for sample in iter_samples(f, exts=()):
+            count += 1
+            keys.update(k for k in sample if not k.startswith("__"))
+        entries.append({"path": f.rsplit("/", 1)[1], "count": count, "keys": sorted(keys), "sha256": sha256_file(f),
+                        **({"offsets": sample_offsets(f)} if not f.endswith((".gz", ".tgz")) else {})})
+    text = json.dumps({"format": "webdataset", "total": sum(e["count"] for e in entries), "shards": entries}, indent=1)
+    if remote.is_url(target):
+        fs, inner = remote.filesystem(target)
+        fs.pipe_file(inner, text.encode())
+    else:
+        Path(target).write_text(text)
+    return target
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with remote.open_bytes(str(path)) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -250,7 +363,8 @@ def write_shards(
             for tmp, count, keys in written:
                 final = build / f"{prefix}-{len(entries):06d}{suffix}"
                 os.replace(tmp, final)
-                entries.append({"path": final.name, "count": count, "keys": keys, "sha256": sha256_file(final)})
+                entries.append({"path": final.name, "count": count, "keys": keys, "sha256": sha256_file(final),
+                                **({} if compress else {"offsets": sample_offsets(str(final))})})
                 bar.update(count)
         manifest = {"format": "webdataset", "total": sum(e["count"] for e in entries), "shards": entries}
         (build / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -179,6 +179,12 @@ class ShardSource:
 
 
 def open_source(path: str | Path, kind: str = "auto", split: str | None = None):
+    from pipeline.data.remote import is_url
+
+    if is_url(str(path)):  # only shards are read from a URL (s3://, https://, pipe:)
+        if kind not in ("auto", "shards"):
+            raise ConfigError(f"format: {kind!r} inputs must be local; a URL input must be shards")
+        return ShardSource(str(path))
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"input: {path}: no such file or folder")

@@ -39,18 +39,36 @@ class TarStream:
     header through ``gzip.GzipFile`` would cost tens of microseconds per member. Only name, size
     and type are parsed. Members the caller does not want are stepped over in the buffer."""
 
-    def __init__(self, path: str, on_other=None):
+    def __init__(self, path: str, on_other=None, start: int = 0):
+        from pipeline.data.remote import open_bytes
+
         self.path = path
         #: called with (name, kind) for each member that is neither a file nor a folder (links,
         #: devices, fifos): readers step over them, a checker reports them
         self.on_other = on_other
-        self.raw = open(path, "rb")  # noqa: SIM115 (closed by close())
-        magic = self.raw.read(2)
-        self.raw.seek(0)
-        self.gz = zlib.decompressobj(_GZIP) if magic == b"\x1f\x8b" else None
-        self.pending = b""  # compressed bytes after the end of one gzip member (concatenated .gz)
+        self.raw = open_bytes(path)  # closed by close(): a local file, a URL or a pipe: command
+        if start:  # a byte offset from the manifest: only an uncompressed tar can be entered there
+            self.raw.seek(start)
+            self.gz = None
+        else:
+            magic = self.raw.read(2)
+            self.gz = zlib.decompressobj(_GZIP) if magic == b"\x1f\x8b" else None
+            self.pending = magic  # handed to the first chunk: a pipe: stream cannot seek back
+        if start:
+            self.pending = b""  # compressed bytes after the end of one gzip member (concatenated .gz)
         self.buf = b""
         self.pos = 0
+        #: tar-stream offset of ``buf[0]`` (uncompressed bytes), so ``tell`` knows where a member starts
+        self.base = start
+        #: offset of the first header block of the member ``next_member`` returned last
+        self.member_start = start
+
+    @property
+    def compressed(self) -> bool:
+        return self.gz is not None
+
+    def tell(self) -> int:
+        return self.base + self.pos
 
     def close(self) -> None:
         self.raw.close()
@@ -58,7 +76,8 @@ class TarStream:
     def _next_chunk(self) -> bytes:
         """The next piece of the tar byte stream; b"" at the end of the file."""
         if self.gz is None:
-            return self.raw.read(_READ)
+            head, self.pending = self.pending, b""
+            return head + self.raw.read(_READ - len(head))
         while True:
             data = self.gz.unconsumed_tail or self.pending or self.raw.read(_READ)
             self.pending = b""
@@ -81,6 +100,7 @@ class TarStream:
         if have >= n:
             return True
         parts = [self.buf[self.pos:]]
+        self.base += self.pos
         while have < n:
             chunk = self._next_chunk()
             if not chunk:
@@ -107,17 +127,21 @@ class TarStream:
         if n <= have:
             self.pos += n
             return
+        target = self.base + self.pos + n
         n -= have
-        self.buf, self.pos = b"", 0
+        self.buf, self.pos, self.base = b"", 0, target
         if self.gz is None:
-            self.raw.seek(n, 1)  # a short file shows up as a truncated next header
+            if self.pending:
+                n -= len(self.pending)
+                self.pending = b""
+            self.raw.seek(n, 1)  # a short file shows up as a truncated next header (a URL: a range request)
             return
         while n:
             chunk = self._next_chunk()
             if not chunk:
                 raise TarError("truncated")
             if len(chunk) > n:
-                self.buf, self.pos = chunk, n
+                self.buf, self.pos, self.base = chunk, n, target - n
                 return
             n -= len(chunk)
 
@@ -125,6 +149,7 @@ class TarStream:
         """(name, size) of the next regular file, positioned at its data, which must be ``read``
         or ``skip``-ped before asking for the next member; None at the end-of-archive marker."""
         long_name = None
+        self.member_start = self.tell()
         while True:
             if len(self.buf) - self.pos < 512 and not self._ensure(512):
                 raise TarError("truncated (no end-of-archive marker)")
