@@ -79,8 +79,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
             decay.add(id(module.in_proj_weight))
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+    # layer-wise lr decay: a module may scale some parameters' learning rate (``lr_scales``: id → scale)
+    scales = model.lr_scales() if hasattr(model, "lr_scales") else {}
+    groups: dict[tuple[bool, float], list] = {}
+    for p in params:
+        groups.setdefault((id(p) in decay, scales.get(id(p), 1.0)), []).append(p)
+    if not scales:  # the two groups of old, also when one is empty (checkpoints hold their layout)
+        return [{"params": groups.get((True, 1.0), []), "weight_decay": weight_decay},
+                {"params": groups.get((False, 1.0), []), "weight_decay": 0.0}]
+    return [{"params": ps, "weight_decay": weight_decay if d else 0.0, "lr_scale": scale}
+            for (d, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
 
 
 def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resolved: dict | None = None,
@@ -107,7 +115,7 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
         step = run["step"]
         lr = lr_at(step, cfg.optim, cfg.steps) * run["lr_scale"]
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         micro = [{**to_device(next(batches), accelerator.device), STEP: step} for _ in range(k)]
         # objectives that couple micro-batches (CLIP) embed them all first (as a call of the
         # model: under FSDP, weights are gathered only around calls)
