@@ -76,3 +76,61 @@ def test_stock_pipeline_reproduces_predictions(image_run):
     theirs = [out[0]["label"] for out in clf(images, top_k=1)]
     assert len(keys) == len(ours) == 24
     assert theirs == [ours[k] for k in keys]
+
+
+def test_text_head_runs_in_a_stock_text_pipeline(tmp_path, starter_tokenizer):
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    from modalities.text import Modality as Text
+    from modalities.text import TextConfig
+    from pipeline.encoders import saved
+    from pipeline.encoders.base import EncoderConfig
+    from pipeline.evaluators import finetune
+
+    words = [["dog", "cat", "horse"], ["river", "sea", "lake"]]
+
+    def sample(i, offset):
+        rng = np.random.default_rng(offset + i)
+        text = " ".join(rng.choice(words[i % 2], 3))
+        return {"__key__": f"t{offset + i:05d}", "txt": text.encode(), "cls": str(i % 2).encode()}
+
+    for name, n, off in (("train", 48, 0), ("test", 16, 500)):
+        write_shards(list(range(n)), lambda i, off=off: sample(i, off), tmp_path / name, max_count=16, workers=1,
+                     progress=False)
+    mod = Text(TextConfig(tokenizer=starter_tokenizer, max_length=16))
+    saved.save(mod.encoder(EncoderConfig(**TINY)), mod, tmp_path / "enc")
+    metrics = finetune.run(finetune.Config(frozen=False, steps=40, lr=3e-3, batch_size=16), tmp_path / "enc", "text",
+                           str(tmp_path / "train"), str(tmp_path / "test"), "cls", tmp_path / "head",
+                           id2label={0: "animal", 1: "water"})
+    assert [m.name for m in metrics] == ["top1"] and metrics[0].value >= 0.9
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "head")
+    assert type(model).__name__ == "BertForSequenceClassification"
+    rows = [json.loads(r) for r in (tmp_path / "head" / "predictions.jsonl").open()]
+    texts = {}
+    from pipeline.data.shards import iter_samples, open_shards
+
+    for shard in open_shards(str(tmp_path / "test")).shards:
+        texts.update({s["__key__"]: s["txt"].decode() for s in iter_samples(shard.path)})
+    clf = pipeline("text-classification", model=str(tmp_path / "head"), device="cpu")
+    assert [o["label"] for o in clf([texts[r["key"]] for r in rows])] == [r["predicted"] for r in rows]
+
+
+def test_layer_decay_scales_each_layer(tmp_path):
+    from modalities.image import ImageConfig
+    from modalities.image import Modality as Img
+    from pipeline.encoders.base import EncoderConfig
+    from pipeline.objectives import classify
+    from pipeline.train.learner import Learner
+    from pipeline.train.loop import param_groups
+
+    enc = Img(ImageConfig(size=12)).encoder(EncoderConfig(**{**TINY, "num_layers": 2}))
+    obj = classify.Objective(classify.Config(classes=[0, 1], frozen=False, layer_decay=0.5), {"image": enc})
+    groups = param_groups(Learner({"image": enc}, {"classify": obj}), 0.05)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale[id(obj.classifier.weight)] == 1.0
+    assert scale[id(next(enc.layers[1].parameters()))] == 0.5
+    assert scale[id(next(enc.layers[0].parameters()))] == 0.25
+    assert scale[id(enc.model.embeddings.patch_embeddings.projection.weight)] == 0.125
+    frozen = classify.Objective(classify.Config(classes=[0, 1]), {"image": Img(ImageConfig(size=12)).encoder(
+        EncoderConfig(**TINY))})
+    assert {id(p) for g in param_groups(frozen, 0.05) for p in g["params"]} == {id(p) for p in frozen.classifier.parameters()}
