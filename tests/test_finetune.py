@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.shards import write_shards
-from tests.conftest import TINY
+from conftest import TINY
 
 
 def colour_shards(out: Path, n: int, offset: int) -> Path:

@@ -92,9 +92,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resolved: dict | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, probe=None) -> dict:
     """Train ``learner`` on ``loader`` for ``cfg.steps`` optimizer steps, resuming from the newest
-    checkpoint in ``out_dir/checkpoints``. Returns a summary (final step, last metrics)."""
+    checkpoint in ``out_dir/checkpoints``. Returns a summary (final step, last metrics). ``probe``
+    (``pipeline.train.probe.OnlineKnn``): measured when ``probe.due(step)``, logged with that step."""
     ckpt_dir, k = out_dir / "checkpoints", cfg.accumulate
     opt = torch.optim.AdamW(param_groups(learner, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=cfg.optim.betas, eps=cfg.optim.eps)
@@ -148,7 +149,10 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
         run["step"] = step = step + 1
         learner.after_step(step, cfg.steps)
         metrics = {**step_metrics, "lr": lr}
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        probed = probe is not None and probe.due(step)
+        if probed:  # every process measures alike (an FSDP encoder needs all of them)
+            metrics.update(probe(learner, accelerator.device))
+        if step % cfg.log_every == 0 or step == cfg.steps or probed:
             rate = seen * accelerator.num_processes / max(1e-9, time.time() - t0)
             logger.write(step, {**metrics, "samples_per_s": rate})
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{rate:.0f}", refresh=False)
