@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY
 from PIL import Image
 
 from pipeline.data.shards import write_shards
-from conftest import TINY
 
 
 def colour_shards(out: Path, n: int, offset: int) -> Path:

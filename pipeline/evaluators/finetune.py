@@ -52,7 +52,8 @@ def run(cfg: Config, encoders: Path, modality: str, train: str, test: str, label
     from pipeline.encoders import saved
     from pipeline.objectives import classify
     from pipeline.train.learner import Learner
-    from pipeline.train.loop import OptimConfig, TrainerConfig, train as train_loop
+    from pipeline.train.loop import OptimConfig, TrainerConfig
+    from pipeline.train.loop import train as train_loop
 
     if accelerator is None:
         from accelerate import Accelerator
@@ -100,8 +101,7 @@ def run(cfg: Config, encoders: Path, modality: str, train: str, test: str, label
                                   len(keys), dict(extra)))
         pred = scores.argmax(1)
         with open(out_dir / "predictions.jsonl", "w") as f:
-            for k, y, p in zip(keys, labels, pred):
-                f.write(json.dumps({"key": k, "label": names.get(int(y), str(y)), "predicted": names[classes[p]]}) + "\n")
+            f.writelines(json.dumps({"key": k, "label": names.get(int(y), str(y)), "predicted": names[classes[p]]}) + "\n" for k, y, p in zip(keys, labels, pred))
         from pipeline.evaluators import _stock_head
 
         _stock_head.save(obj, mod, {i: names[c] for i, c in enumerate(classes)}, out_dir)
