@@ -134,3 +134,36 @@ def test_layer_decay_scales_each_layer(tmp_path):
     frozen = classify.Objective(classify.Config(classes=[0, 1]), {"image": Img(ImageConfig(size=12)).encoder(
         EncoderConfig(**TINY))})
     assert {id(p) for g in param_groups(frozen, 0.05) for p in g["params"]} == {id(p) for p in frozen.classifier.parameters()}
+
+
+def test_audio_head_is_a_stock_vit_over_log_mel(tmp_path):
+    """An audio head loads with ``AutoModelForImageClassification`` and, fed the pipeline's
+    log-mel path (README), predicts what the evaluator predicted."""
+    import torch
+    from conftest import STARTER
+    from transformers import AutoModelForImageClassification
+
+    from modalities.audio import AudioConfig
+    from modalities.audio import Modality as Audio
+    from pipeline.data.shards import iter_samples, open_shards
+    from pipeline.encoders import saved
+    from pipeline.encoders.base import EncoderConfig
+    from pipeline.evaluators import finetune
+
+    speech = str(STARTER / "speech" / "test")
+    mod = Audio(AudioConfig(n_mels=32, clip_seconds=0.5))
+    saved.save(mod.encoder(EncoderConfig(**TINY)), mod, tmp_path / "enc")
+    finetune.run(finetune.Config(frozen=False, steps=3, batch_size=16), tmp_path / "enc", "audio", speech, speech,
+                 "cls", tmp_path / "head")
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "head").eval()
+    ours = {r["key"]: r["predicted"] for r in map(json.loads, (tmp_path / "head" / "predictions.jsonl").open())}
+    shard = open_shards(speech).shards[0]
+    keys, waves = [], []
+    for s in list(iter_samples(shard.path))[:16]:
+        ext = next(e for e in ("flac", "wav") if s.get(e))
+        keys.append(s["__key__"])
+        waves.append(mod.transform(mod.decode(s[ext], ext), None))
+    x = mod.collate(waves)[..., : model.config.image_size[1]]
+    with torch.no_grad():
+        pred = model(pixel_values=x).logits.argmax(-1).tolist()
+    assert [model.config.id2label[p] for p in pred] == [ours[k] for k in keys]
