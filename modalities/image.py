@@ -102,6 +102,21 @@ class Modality(Base):
         x = torch.stack(items).permute(0, 3, 1, 2).float()  # [B, C, H, W]
         return (x - self._mean) / self._std
 
+    def image_processor(self):
+        """A stock transformers ``ViTImageProcessor`` doing this modality's eval preprocessing
+        (bilinear resize to ``size``, ``/255``, per-channel normalization) on RGB input, as
+        ``transformers.pipeline`` hands it; one-channel encoders take RGB through luminance
+        weights folded into their patch embedding (``pipeline.evaluators._stock_head``). It resizes
+        the whole image: a non-square image is squeezed where the pipeline center-crops it."""
+        from transformers import ViTImageProcessor
+
+        c = self.cfg
+        mean = (c.mean or [0.5] * c.channels) * (3 if c.channels == 1 else 1)
+        std = (c.std or [0.5] * c.channels) * (3 if c.channels == 1 else 1)
+        return ViTImageProcessor(do_resize=True, size={"height": c.size, "width": c.size}, resample=Image.BILINEAR,
+                                 do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=mean,
+                                 image_std=std)
+
     def encoder(self, cfg: EncoderConfig | None = None) -> ViTEncoder:
         """A ViT over ``size``×``size`` images of ``channels`` channels; ``cfg.patch_size`` must divide ``size``."""
         return ViTEncoder(cfg or EncoderConfig(), (self.cfg.size, self.cfg.size), self.cfg.channels)

@@ -37,6 +37,12 @@ class Config(TrainerConfig, StageConfig):
     #: per-modality encoder settings (size, patch_size, pooling, init_from …)
     encoders: dict[str, EncoderConfig] = Field(default_factory=dict)
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    #: every N steps, a kNN probe of the encoders on ``eval_source`` (logged as ``knn/<modality>/top1``)
+    eval_every: int | None = Field(None, ge=1)
+    #: a labelled recipe source this stage does not train on (a test or validation split)
+    eval_source: str | None = None
+    #: samples of ``eval_source`` the probe reads (half memory bank, half queries)
+    eval_samples: int = Field(512, ge=4)
 
     @field_validator("objectives")
     @classmethod
@@ -96,11 +102,26 @@ def run(cfg: Config, ctx: Context) -> dict:
     loader = StreamingLoader(_sources(cfg, ctx, needed), cfg.loader, {m: mods[m].cfg for m in needed}, seed=ctx.seed,
                              rank=accelerator.process_index, world_size=accelerator.num_processes, base_dir=ctx.base_dir)
     resolved = cfg.model_dump(mode="json")
-    summary = train(learner, loader, cfg, ctx.out_dir, accelerator, resolved, progress=ctx.progress)
+    probe = _probe(cfg, ctx, {m: mods[m].cfg for m in needed})
+    summary = train(learner, loader, cfg, ctx.out_dir, accelerator, resolved, progress=ctx.progress, probe=probe)
     export(learner, mods, {name: kind for name, (kind, _, _) in built.items()}, ctx.out_dir, accelerator)
     ctx.log.info("trained %d steps; encoders in %s, heads in %s", summary["step"], ctx.out_dir / "encoders",
                  ctx.out_dir / "heads")
     return summary
+
+
+def _probe(cfg: Config, ctx: Context, mod_cfgs: dict):
+    """The online kNN probe ``eval_every`` asks for, or None."""
+    if cfg.eval_every is None:
+        return None
+    from pipeline.train.probe import OnlineKnn
+
+    if not cfg.eval_source:
+        raise ConfigError("eval_source: eval_every needs a labelled recipe source to probe (a test split)")
+    if cfg.eval_source in cfg.sources:
+        raise ConfigError(f"eval_source: {cfg.eval_source} is also trained on (sources); name a held-out split")
+    return OnlineKnn(cfg.eval_source, ctx.source(cfg.eval_source), mod_cfgs, cfg.eval_samples, cfg.eval_every,
+                     ctx.base_dir, ctx.seed)
 
 
 def build_encoder(m: str, ecfg: EncoderConfig, ctx: Context):

@@ -48,7 +48,7 @@ def by_name(metrics: list[Metric]) -> dict[str, Metric]:
 # --- the contract -------------------------------------------------------------------------------
 
 def test_registry_lists_evaluators_not_base():
-    assert registry.names("evaluator") == ("knn", "linear_probe", "retrieval", "zero_shot")
+    assert registry.names("evaluator") == ("finetune", "knn", "linear_probe", "retrieval", "zero_shot")
     with pytest.raises(ConfigError, match="unknown evaluator 'base'"):
         registry.module("evaluator", "base")
 

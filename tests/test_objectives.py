@@ -30,6 +30,7 @@ CASES = {
     "mae": [("image",), ("audio",)],
     "data2vec": [("image",), ("text",), ("audio",)],
     "clip": [("image", "text"), ("audio", "text")],
+    "classify": [("image",), ("text",), ("audio",)],
 }
 #: the starter source holding each combination of modalities
 SOURCE = {("image",): "fmnist", ("text",): "wordnet", ("audio",): "speech", ("image", "text"): "emoji",
@@ -44,14 +45,18 @@ def modality_cfgs(tokenizer: str) -> dict:
 def starter_batch(modalities: tuple[str, ...], tokenizer: str, n: int = 16) -> dict:
     """The first ``n`` samples of a starter test split holding ``modalities``, collated."""
     name = SOURCE[modalities]
-    src = SourceConfig(shards=str(STARTER / name / "test"), modalities=list(modalities))
+    src = SourceConfig(shards=str(STARTER / name / "test"), modalities=list(modalities), label="cls")
     loader = StreamingLoader({name: src}, LoaderConfig(batch_size=n, num_workers=0, augment=False),
                              modality_cfgs(tokenizer), seed=0)
     return next(iter(loader))
 
 
 def settings(objective: str, modalities: tuple[str, ...]) -> dict:
-    return {"modalities": list(modalities)} if objective == "clip" else {"modality": modalities[0]}
+    if objective == "clip":
+        return {"modalities": list(modalities)}
+    if objective == "classify":  # every starter label id is below 1000
+        return {"modality": modalities[0], "classes": list(range(1000))}
+    return {"modality": modalities[0]}
 
 
 def learner(objective: str, modalities: tuple[str, ...], tokenizer: str, seed: int = 0, **extra) -> Learner:

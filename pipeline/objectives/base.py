@@ -75,6 +75,10 @@ class Objective(nn.Module):
     def forward(self, batch: dict) -> dict:
         raise NotImplementedError
 
+    def lr_scales(self) -> dict[int, float]:
+        """Learning-rate scale by parameter id (layer-wise decay); parameters not named keep 1."""
+        return {}
+
     def begin_step(self, micro_batches: list[dict]) -> None:
         """Called without gradient before the micro-batches of one optimizer step are run, in order."""
 

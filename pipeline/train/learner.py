@@ -51,6 +51,13 @@ class Learner(nn.Module):
                               f"stage trains on it; drop the source or add an objective for it")
         return {"loss": total, "metrics": metrics, "embeddings": embeddings}
 
+    def lr_scales(self) -> dict[int, float]:
+        """Learning-rate scale per parameter id that the objectives ask for (layer-wise decay)."""
+        out: dict[int, float] = {}
+        for obj in self.objectives.values():
+            out.update(obj.lr_scales())
+        return out
+
     def begin_step(self, micro_batches: list[dict]) -> None:
         with torch.no_grad():
             for obj in self.objectives.values():

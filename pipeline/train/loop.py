@@ -79,14 +79,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
             decay.add(id(module.in_proj_weight))
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+    # layer-wise lr decay: a module may scale some parameters' learning rate (``lr_scales``: id → scale)
+    scales = model.lr_scales() if hasattr(model, "lr_scales") else {}
+    groups: dict[tuple[bool, float], list] = {}
+    for p in params:
+        groups.setdefault((id(p) in decay, scales.get(id(p), 1.0)), []).append(p)
+    if not scales:  # the two groups of old, also when one is empty (checkpoints hold their layout)
+        return [{"params": groups.get((True, 1.0), []), "weight_decay": weight_decay},
+                {"params": groups.get((False, 1.0), []), "weight_decay": 0.0}]
+    return [{"params": ps, "weight_decay": weight_decay if d else 0.0, "lr_scale": scale}
+            for (d, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
 
 
 def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resolved: dict | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, probe=None) -> dict:
     """Train ``learner`` on ``loader`` for ``cfg.steps`` optimizer steps, resuming from the newest
-    checkpoint in ``out_dir/checkpoints``. Returns a summary (final step, last metrics)."""
+    checkpoint in ``out_dir/checkpoints``. Returns a summary (final step, last metrics). ``probe``
+    (``pipeline.train.probe.OnlineKnn``): measured when ``probe.due(step)``, logged with that step."""
     ckpt_dir, k = out_dir / "checkpoints", cfg.accumulate
     opt = torch.optim.AdamW(param_groups(learner, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=cfg.optim.betas, eps=cfg.optim.eps)
@@ -107,7 +116,7 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
         step = run["step"]
         lr = lr_at(step, cfg.optim, cfg.steps) * run["lr_scale"]
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         micro = [{**to_device(next(batches), accelerator.device), STEP: step} for _ in range(k)]
         # objectives that couple micro-batches (CLIP) embed them all first (as a call of the
         # model: under FSDP, weights are gathered only around calls)
@@ -140,7 +149,10 @@ def train(learner, loader, cfg: TrainerConfig, out_dir: Path, accelerator, resol
         run["step"] = step = step + 1
         learner.after_step(step, cfg.steps)
         metrics = {**step_metrics, "lr": lr}
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        probed = probe is not None and probe.due(step)
+        if probed:  # every process measures alike (an FSDP encoder needs all of them)
+            metrics.update(probe(learner, accelerator.device))
+        if step % cfg.log_every == 0 or step == cfg.steps or probed:
             rate = seen * accelerator.num_processes / max(1e-9, time.time() - t0)
             logger.write(step, {**metrics, "samples_per_s": rate})
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{rate:.0f}", refresh=False)
