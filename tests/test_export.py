@@ -64,7 +64,7 @@ def test_image_processor_reproduces_eval_preprocessing(tmp_path, starter_tokeniz
     proc = AutoImageProcessor.from_pretrained(str(tmp_path))
     import io
     import tarfile
-    tar = sorted((STARTER / "emoji" / "test").glob("*.tar"))[0]
+    tar = sorted((STARTER / "emoji" / "test").glob("*.tar*"))[0]
     with tarfile.open(tar) as t:
         pngs = [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".png")][:8]
     imgs = [mod.decode(p, "png") for p in pngs]
@@ -88,3 +88,73 @@ def test_dual_encoder_equals_clip_features(tmp_path, starter_tokenizer, batches)
     diffs = dual_encoder.parity(obj, model.eval(), batches["emoji"])
     assert max(diffs.values()) <= 1e-5, diffs
     json.dumps(diffs)
+
+
+def _unet(cross: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross,
+                                attention_head_dim=8, norm_num_groups=8)
+
+
+def test_stock_stable_diffusion_pipeline_runs_the_exported_text_encoder(tmp_path, starter_tokenizer):
+    from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline
+
+    from pipeline.export import conditioning
+
+    m = _mods(starter_tokenizer)
+    info = conditioning.export({"text": _encoder("text", m["text"])}, tmp_path / "conditioning")
+    text = info["components"]["text_encoder"]
+    root = tmp_path / "sd"
+    root.mkdir()
+    for part in ("text_encoder", "tokenizer"):
+        (root / part).symlink_to(tmp_path / "conditioning" / part)
+    _unet(text["cross_attention_dim"]).save_pretrained(str(root / "unet"))
+    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                  sample_size=32).save_pretrained(str(root / "vae"))
+    DDIMScheduler(steps_offset=1, clip_sample=False).save_pretrained(str(root / "scheduler"))
+    tok_class = json.loads((root / "tokenizer" / "tokenizer_config.json").read_text()).get("tokenizer_class",
+                                                                                              "PreTrainedTokenizerFast")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "text_encoder": ["transformers", text["class"]], "tokenizer": ["transformers", tok_class],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}))
+    pipe = DiffusionPipeline.from_pretrained(str(root), safety_checker=None)
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.tokenizer.model_max_length == 16
+    calls = []
+    pipe.text_encoder.register_forward_hook(lambda mod, args, out: calls.append(out[0].shape))
+    out = pipe("a red apple", num_inference_steps=2, height=32, width=32, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 32, 32, 3) and calls and calls[0][-2:] == (16, text["hidden_size"])
+
+
+def test_image_tokens_condition_the_unet(tmp_path, starter_tokenizer, batches):
+    from diffusers import DDIMScheduler
+    from transformers import AutoModel
+
+    from pipeline.export import conditioning
+
+    m = _mods(starter_tokenizer)
+    info = conditioning.export({"image": _encoder("image", m["image"])}, tmp_path / "conditioning")
+    entry = info["components"]["image_encoder"]
+    encoder = AutoModel.from_pretrained(str(tmp_path / "conditioning" / entry["path"])).eval()
+    with torch.no_grad():
+        states = encoder(pixel_values=batches["emoji"]["image"][:2]).last_hidden_state
+    assert states.shape == (2, entry["sequence_length"], entry["cross_attention_dim"])
+    unet, sched = _unet(entry["cross_attention_dim"]).eval(), DDIMScheduler()
+    sched.set_timesteps(2)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for cond in (states, torch.zeros_like(states)):
+        z = x
+        with torch.no_grad():
+            for t in sched.timesteps:
+                z = sched.step(unet(z, t, encoder_hidden_states=cond).sample, t, z).prev_sample
+        outs.append(z)
+    assert torch.isfinite(outs[0]).all() and (outs[0] - outs[1]).abs().max() > 1e-4  # the tokens steer it
