@@ -64,7 +64,7 @@ def test_image_processor_reproduces_eval_preprocessing(tmp_path, starter_tokeniz
     proc = AutoImageProcessor.from_pretrained(str(tmp_path))
     import io
     import tarfile
-    tar = sorted((STARTER / "emoji" / "test").glob("*.tar*"))[0]
+    tar = min((STARTER / "emoji" / "test").glob("*.tar*"))
     with tarfile.open(tar) as t:
         pngs = [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".png")][:8]
     imgs = [mod.decode(p, "png") for p in pngs]
@@ -158,3 +158,43 @@ def test_image_tokens_condition_the_unet(tmp_path, starter_tokenizer, batches):
                 z = sched.step(unet(z, t, encoder_hidden_states=cond).sample, t, z).prev_sample
         outs.append(z)
     assert torch.isfinite(outs[0]).all() and (outs[0] - outs[1]).abs().max() > 1e-4  # the tokens steer it
+
+
+def _stage(tmp_path, name, pairs, starter_tokenizer):
+    """A pretrain-stage directory of tiny encoders and CLIP heads, written by the pipeline's own savers."""
+    from pipeline.encoders import saved
+    from pipeline.objectives import clip
+
+    m = _mods(starter_tokenizer)
+    built = {k: _encoder(k, m[k]) for k in pairs}
+    for k, (mod, enc) in built.items():
+        saved.save(enc, mod, tmp_path / name / "encoders" / k)
+    obj = clip.Objective(clip.Config(modalities=list(pairs)), {k: e for k, (_, e) in built.items()})
+    saved.save_heads(obj, "clip", tmp_path / name / "heads" / "clip", obj.state_dict())
+    return tmp_path / name
+
+
+def test_export_stage_writes_every_piece_with_parity(tmp_path, starter_tokenizer):
+    from transformers import AutoModel
+
+    from pipeline.data.loader import SourceConfig
+    from pipeline.stage import Context
+    from stages import export
+
+    a = _stage(tmp_path, "clip_image_text", ["image", "text"], starter_tokenizer)
+    b = _stage(tmp_path, "clip_audio_text", ["audio", "text"], starter_tokenizer)
+    cfg = export.Config(stages=[str(b), str(a)], encoders={"text": str(a)},
+                        data=[SourceConfig(shards=str(STARTER / "emoji" / "test"), modalities=["image", "text"]),
+                              SourceConfig(shards=str(STARTER / "speech" / "test"), modalities=["audio", "text"])])
+    out = tmp_path / "export"
+    summary = export.run(cfg, Context(out_dir=out, progress=False))
+    assert summary["exported"] == ["audio", "clip_audio_text", "clip_image_text", "image", "text"]
+    parity = json.loads((out / "parity.json").read_text())["max_abs_diff"]
+    assert all(v <= 1e-5 for d in parity.values() for v in d.values()), parity
+    for part in ("image", "text", "audio", "clip_image_text"):
+        _, info = AutoModel.from_pretrained(str(out / part), output_loading_info=True)
+        assert not any(info.values()) and (out / part / "README.md").is_file()
+    assert (out / "clip_audio_text" / "heads" / "clip" / "heads.safetensors").is_file()
+    cond = json.loads((out / "conditioning" / "conditioning.json").read_text())["components"]
+    assert cond["text_encoder"]["pooled_projection"]["clip"] == "clip_image_text"
+    assert "Training data and licences" in (out / "text" / "README.md").read_text()
