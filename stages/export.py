@@ -1,7 +1,8 @@
 """Export a run's encoders for transformers, diffusers and CLIP users.
 
     selfsup export runs/starter/clip_image_text runs/starter/clip_audio_text --out runs/starter/export \\
-        --data '[{shards: data/starter/emoji/test, modalities: [image, text]}]'
+        --data '[{shards: data/starter/emoji/test, modalities: [image, text]},
+                {shards: data/starter/speech/test, modalities: [audio, text]}]'
 
 Writes ``DIR/<modality>/`` (stock transformers model + preprocessor + ``selfsup.json``) for each
 final encoder, ``DIR/<stage>/`` for each CLIP stage (image–text: a stock
