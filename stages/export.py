@@ -114,6 +114,7 @@ def run(cfg: Config, ctx: Context) -> dict:
                 from transformers import AutoModel
 
                 diffs = dual_encoder.parity(objective, AutoModel.from_pretrained(str(target)).eval(), batch)
+                diffs |= _open_clip(objective, pair["text"][0], target, batch)
                 usage = DUAL_USAGE
             else:
                 stage_clip.export(objective, {m: mod for m, (mod, _) in pair.items()}, heads, target)
@@ -133,6 +134,17 @@ def run(cfg: Config, ctx: Context) -> dict:
     ctx.log.info("exported %s to %s; parity %s", ", ".join(parity), out,
                  {k: f"{max(v.values()):.1e}" for k, v in parity.items()})
     return {"exported": sorted(parity), "conditioning": sorted(cond["components"])}
+
+
+def _open_clip(objective, text_modality, target: Path, batch: dict) -> dict[str, float]:
+    """The pair also as an open_clip model; its text tower's config and tokenizer in ``open_clip_text/``."""
+    from pipeline.export import open_clip_model
+    from pipeline.export.transformers_models import export_encoder
+
+    text_dir = export_encoder(objective.encoders["text"], text_modality, target / "open_clip_text")
+    cfg_file, weights = open_clip_model.export(objective, target, text_dir, target.name)
+    model, _ = open_clip_model.load(cfg_file, weights, None)
+    return {f"open_clip_{m}": v for m, v in open_clip_model.parity(objective, model, batch).items()}
 
 
 def _usage(m: str, enc) -> str:
@@ -161,6 +173,18 @@ image_features = model.get_image_features(**AutoImageProcessor.from_pretrained(D
 text_features = model.get_text_features(**AutoTokenizer.from_pretrained(DIR)(texts, padding=True, return_tensors="pt")).pooler_output
 ```
 Both towers pool the [CLS] state (trained with `pooling: cls`); their stock poolers pass it through.
+
+The same model for open_clip (its own ViT tower; the Hugging Face text tower reads its config and
+tokenizer from `open_clip_text/`, named by absolute path in the JSON: edit `hf_model_name` and
+`hf_tokenizer_name` after moving the directory):
+
+```python
+import open_clip
+open_clip.add_model_config("DIR/open_clip_config.json")
+model, _, preprocess = open_clip.create_model_and_transforms("open_clip_config", pretrained="DIR/open_clip_model.safetensors")
+tokenizer = open_clip.get_tokenizer("open_clip_config")
+features = model.encode_image(pixels, normalize=True), model.encode_text(tokenizer(texts), normalize=True)
+```
 """
 
 STAGE_CLIP_USAGE = """A CLIP pair in the stage layout: `encoders/<modality>/` (stock transformers towers) and

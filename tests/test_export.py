@@ -191,6 +191,7 @@ def test_export_stage_writes_every_piece_with_parity(tmp_path, starter_tokenizer
     assert summary["exported"] == ["audio", "clip_audio_text", "clip_image_text", "image", "text"]
     parity = json.loads((out / "parity.json").read_text())["max_abs_diff"]
     assert all(v <= 1e-5 for d in parity.values() for v in d.values()), parity
+    assert {"image", "text", "open_clip_image", "open_clip_text"} <= set(parity["clip_image_text"])
     for part in ("image", "text", "audio", "clip_image_text"):
         _, info = AutoModel.from_pretrained(str(out / part), output_loading_info=True)
         assert not any(info.values()) and (out / part / "README.md").is_file()
@@ -198,3 +199,18 @@ def test_export_stage_writes_every_piece_with_parity(tmp_path, starter_tokenizer
     cond = json.loads((out / "conditioning" / "conditioning.json").read_text())["components"]
     assert cond["text_encoder"]["pooled_projection"]["clip"] == "clip_image_text"
     assert "Training data and licences" in (out / "text" / "README.md").read_text()
+
+
+def test_open_clip_model_equals_clip_features(tmp_path, starter_tokenizer, batches):
+    from pipeline.export import open_clip_model
+    from pipeline.export.transformers_models import export_encoder
+    from pipeline.objectives import clip
+
+    m = _mods(starter_tokenizer)
+    (_, ienc), (tmod, tenc) = _encoder("image", m["image"]), _encoder("text", m["text"])
+    obj = clip.Objective(clip.Config(), {"image": ienc, "text": tenc}).eval()
+    export_encoder(tenc, tmod, tmp_path / "text")
+    cfg_file, weights = open_clip_model.export(obj, tmp_path / "clip", tmp_path / "text", "x")
+    model, _ = open_clip_model.load(cfg_file, weights, None)
+    diffs = open_clip_model.parity(obj, model, batches["emoji"])
+    assert max(diffs.values()) <= 1e-5, diffs
