@@ -109,7 +109,11 @@ def run(cfg: Config, ctx: Context) -> dict:
             objective = saved.load_heads(heads, {m: e.eval() for m, (_, e) in pair.items()})
             batch = _batch(cfg, ctx, {m: mod for m, (mod, _) in pair.items()})
             target = out / d.name
-            if set(info["modalities"]) == {"image", "text"}:
+            stock = set(info["modalities"]) == {"image", "text"} and all(e.cfg.pooling == "cls" for _, e in pair.values())
+            if set(info["modalities"]) == {"image", "text"} and not stock:
+                ctx.log.warning("%s: mean-pooled towers have no stock VisionTextDualEncoderModel equivalent (it projects "
+                                "the [CLS] pooler); exported in the stage layout. Train with pooling: cls for one", d.name)
+            if stock:
                 dual_encoder.export(objective, target, pair["text"][0], pair["image"][0])
                 from transformers import AutoModel
 

@@ -160,13 +160,13 @@ def test_image_tokens_condition_the_unet(tmp_path, starter_tokenizer, batches):
     assert torch.isfinite(outs[0]).all() and (outs[0] - outs[1]).abs().max() > 1e-4  # the tokens steer it
 
 
-def _stage(tmp_path, name, pairs, starter_tokenizer):
+def _stage(tmp_path, name, pairs, starter_tokenizer, pooling="cls"):
     """A pretrain-stage directory of tiny encoders and CLIP heads, written by the pipeline's own savers."""
     from pipeline.encoders import saved
     from pipeline.objectives import clip
 
     m = _mods(starter_tokenizer)
-    built = {k: _encoder(k, m[k]) for k in pairs}
+    built = {k: _encoder(k, m[k], pooling) for k in pairs}
     for k, (mod, enc) in built.items():
         saved.save(enc, mod, tmp_path / name / "encoders" / k)
     obj = clip.Objective(clip.Config(modalities=list(pairs)), {k: e for k, (_, e) in built.items()})
@@ -214,3 +214,16 @@ def test_open_clip_model_equals_clip_features(tmp_path, starter_tokenizer, batch
     model, _ = open_clip_model.load(cfg_file, weights, None)
     diffs = open_clip_model.parity(obj, model, batches["emoji"])
     assert max(diffs.values()) <= 1e-5, diffs
+
+
+def test_mean_pooled_image_text_clip_falls_back_to_the_stage_layout(tmp_path, starter_tokenizer):
+    from pipeline.data.loader import SourceConfig
+    from pipeline.stage import Context
+    from stages import export
+
+    a = _stage(tmp_path, "clip_mean", ["image", "text"], starter_tokenizer, pooling="mean")
+    cfg = export.Config(stages=[str(a)], data=[SourceConfig(shards=str(STARTER / "emoji" / "test"),
+                                                            modalities=["image", "text"])])
+    export.run(cfg, Context(out_dir=tmp_path / "export", progress=False))
+    parity = json.loads((tmp_path / "export" / "parity.json").read_text())["max_abs_diff"]["clip_mean"]
+    assert max(parity.values()) <= 1e-5 and (tmp_path / "export" / "clip_mean" / "heads" / "clip").is_dir()

@@ -3,7 +3,8 @@
 The stock class projects each tower's ``pooler_output``; the exported towers' poolers pass the
 [CLS] state through (``pooler.py``), so the export equals the pipeline's CLIP features exactly
 when both towers were trained with ``pooling: cls`` (the starter's image–text CLIP stage sets it).
-A mean-pooled tower has no stock equivalent and is refused with a message naming the setting.
+A mean-pooled tower has no stock equivalent: ``build`` refuses it naming the setting, and the export
+stage writes such a pair in the stage layout instead.
 """
 
 from __future__ import annotations
