@@ -125,6 +125,9 @@ def test_starter_recipe_runs_end_to_end_with_short_stages(tmp_path):
 
     AutoModel.from_pretrained(run / "clip_image_text" / "encoders" / "image")
     AutoTokenizer.from_pretrained(run / "clip_audio_text" / "encoders" / "text")
+    parity = json.loads((run / "export" / "parity.json").read_text())["max_abs_diff"]
+    assert {"image", "text", "audio", "clip_image_text", "clip_audio_text"} <= set(parity)
+    assert all(v <= 1e-5 for d in parity.values() for v in d.values()), parity
 
 
 @pytest.mark.parametrize("name", ["..", "../../../victim", "a/b", "/abs", "."])

@@ -1,0 +1,89 @@
+"""An image–text CLIP stage as an open_clip model: a model config JSON (open_clip's own
+``VisionTransformer`` for the image tower, its Hugging Face text tower pointing at the exported
+text directory) plus converted weights in safetensors.
+
+open_clip's ViT maps exactly onto transformers' ViT: pre-norm blocks with exact GELU (``norm_kwargs``
+carries our LayerNorm eps), no ``ln_pre``, ``ln_post`` then the class token (``pool_type: tok``)
+times ``proj``. Its patch convolution has no bias; ours is folded into the patch positions'
+positional embedding (a constant added to every patch either way). The HF tower's
+``cls_last_hidden_state_pooler`` + a bias-free ``linear`` projection is our [CLS] pooling.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def model_config(objective, text_dir: Path) -> dict:
+    vit = objective.encoders["image"].model.config
+    return {"embed_dim": objective.proj["image"].weight.shape[0],
+            "vision_cfg": {"image_size": vit.image_size[0] if isinstance(vit.image_size, list) else vit.image_size,
+                           "patch_size": vit.patch_size, "layers": vit.num_hidden_layers, "width": vit.hidden_size,
+                           "head_width": vit.hidden_size // vit.num_attention_heads,
+                           "mlp_ratio": vit.intermediate_size / vit.hidden_size, "no_ln_pre": True, "pool_type": "tok",
+                           "norm_kwargs": {"eps": vit.layer_norm_eps}},
+            "text_cfg": {"hf_model_name": str(Path(text_dir).resolve()), "hf_tokenizer_name": str(Path(text_dir).resolve()),
+                         "hf_proj_type": "linear", "hf_pooler_type": "cls_last_hidden_state_pooler",
+                         "context_length": objective.encoders["text"].tokenizer.model_max_length
+                         if objective.encoders["text"].tokenizer.model_max_length < 10_000 else 512},
+            "custom_text": True}
+
+
+def state_dict(objective) -> dict[str, torch.Tensor]:
+    """open_clip ``CustomTextCLIP`` weights from our towers and projections."""
+    v = {k: t.detach().float() for k, t in objective.encoders["image"].model.state_dict().items()}
+    out = {"visual.conv1.weight": v["embeddings.patch_embeddings.projection.weight"],
+           "visual.class_embedding": v["embeddings.cls_token"].reshape(-1)}
+    pos = v["embeddings.position_embeddings"][0].clone()
+    pos[1:] += v["embeddings.patch_embeddings.projection.bias"]
+    out["visual.positional_embedding"] = pos
+    n = objective.encoders["image"].model.config.num_hidden_layers
+    for i in range(n):
+        src, dst = f"layers.{i}.", f"visual.transformer.resblocks.{i}."
+        out[dst + "attn.in_proj_weight"] = torch.cat([v[f"{src}attention.{q}_proj.weight"] for q in "qkv"])
+        out[dst + "attn.in_proj_bias"] = torch.cat([v[f"{src}attention.{q}_proj.bias"] for q in "qkv"])
+        for a, b in (("attention.o_proj", "attn.out_proj"), ("layernorm_before", "ln_1"),
+                     ("layernorm_after", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            for p in ("weight", "bias"):
+                out[f"{dst}{b}.{p}"] = v[f"{src}{a}.{p}"]
+    out["visual.ln_post.weight"], out["visual.ln_post.bias"] = v["layernorm.weight"], v["layernorm.bias"]
+    out["visual.proj"] = objective.proj["image"].weight.detach().float().T.contiguous()
+    for k, t in objective.encoders["text"].model.state_dict().items():
+        out[f"text.transformer.{k}"] = t.detach().float()
+    out["text.proj.weight"] = objective.proj["text"].weight.detach().float()
+    out["logit_scale"] = objective.logit_scale.detach().float().reshape(())
+    return out
+
+
+def export(objective, out: Path, text_dir: Path, name: str) -> tuple[Path, Path]:
+    """``out/open_clip_config.json`` (named ``name``) and ``out/open_clip_model.safetensors``."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file, weights = out / "open_clip_config.json", out / "open_clip_model.safetensors"
+    cfg_file.write_text(json.dumps(model_config(objective, text_dir), indent=1) + "\n")
+    save_file({k: t.contiguous() for k, t in state_dict(objective).items()}, str(weights))
+    return cfg_file, weights
+
+
+def load(cfg_file: Path, weights: Path, name: str):
+    import open_clip
+
+    open_clip.add_model_config(str(cfg_file))  # registered under the file's stem
+    model, _, preprocess = open_clip.create_model_and_transforms(cfg_file.stem if name is None else name,
+                                                                 pretrained=str(weights))
+    return model.eval(), preprocess
+
+
+@torch.no_grad()
+def parity(objective, model, batch: dict) -> dict[str, float]:
+    enc = objective.encoders["text"]
+    text = enc.model_inputs(batch["text"])["input_ids"]
+    import torch.nn.functional as F
+
+    stock = {"image": model.encode_image(batch["image"], normalize=True),
+             "text": model.encode_text(text, normalize=True)}
+    return {m: (F.normalize(stock[m].float(), dim=-1) - objective.features(batch, m)).abs().max().item() for m in stock}
