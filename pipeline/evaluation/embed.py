@@ -103,8 +103,13 @@ def load_encoders(path: str | Path, *, random_init: bool = False, seed: int = 0)
     return out
 
 
-def clip_projections(path: str | Path, encoders: dict[str, Encoder]):
-    """modality → the CLIP objective holding its projection, from ``<path>/heads/clip*``."""
+def clip_projections(path: str | Path, encoders: dict[str, Encoder], *, random_init: bool = False, seed: int = 0):
+    """modality → the CLIP objective holding its projection, from ``<path>/heads/clip*``; with
+    ``random_init`` the same heads with fresh weights (the untrained twin's)."""
+    import torch
+
+    from pipeline import registry
+    from pipeline.config import build
     from pipeline.encoders import saved
 
     heads = Path(path) / "heads"
@@ -115,7 +120,13 @@ def clip_projections(path: str | Path, encoders: dict[str, Encoder]):
         info = saved.heads_settings(d)
         if info["objective"] != "clip" or not all(m in encoders for m in info["modalities"]):
             continue
-        objective = saved.load_heads(d, {m: encoders[m] for m in info["modalities"]})
+        towers = {m: encoders[m] for m in info["modalities"]}
+        if random_init:
+            module = registry.module("objective", "clip")
+            torch.manual_seed(seed)
+            objective = module.Objective(build(module.Config, info["config"], str(d)), towers, info["name"], seed).eval()
+        else:
+            objective = saved.load_heads(d, towers)
         for m in info["modalities"]:
             found.setdefault(m, objective)
     if not found:
@@ -126,11 +137,12 @@ def clip_projections(path: str | Path, encoders: dict[str, Encoder]):
 def embed(encoders: str | Path, data: str | list[str], *, modalities: list[str] | None = None,
           space: str = "encoder", label_key: str | None = "cls", batch_size: int = 64, num_workers: int = 0,
           accelerator=None, cache_dir: str | Path | None = None, progress: bool = True,
-          random_init: bool = False, seed: int = 0) -> Embedding:
+          random_init: bool = False, seed: int = 0, limit: int | None = None) -> Embedding:
     """Embed every sample of ``data`` with the encoders of ``encoders`` (see the module docstring).
 
     modalities: those to embed (default: every encoder modality the samples hold). label_key: the
-    shard key of integer labels, used where the samples have it."""
+    shard key of integer labels, used where the samples have it. limit: embed at most this many
+    samples (a fixed, seeded pick of whole shards read in the loader's order), to keep probes' training side small."""
     if space not in SPACES:
         raise ConfigError(f"embed: space must be one of {', '.join(SPACES)}, got {space!r}")
     from pipeline.data.shards import open_shards
@@ -143,13 +155,13 @@ def embed(encoders: str | Path, data: str | list[str], *, modalities: list[str] 
     chosen = _choose(dirs, first, modalities, encoders, data)
     label = label_key if label_key and label_key in first else None
     settings = {"v": _CACHE_VERSION, "space": space, "modalities": chosen, "label": label, "random_init": random_init,
-                "seed": seed}
+                "seed": seed, "limit": limit}
     cache = _cache_file(cache_dir, dirs, chosen, shardset, settings) if cache_dir else None
     rank = accelerator.process_index if accelerator is not None else 0
     if cache is not None and cache.with_suffix(".json").is_file():
         return _read(cache)
     result = _compute(encoders, shardset, chosen, space, label, batch_size, num_workers, accelerator, progress,
-                      random_init, seed)
+                      random_init, seed, limit)
     if cache is not None and rank == 0:
         _write(cache, result)
     return result
@@ -182,13 +194,14 @@ def _choose(dirs: dict, sample: dict, modalities, encoders, data) -> list[str]:
 
 
 def _compute(encoders, shardset, chosen, space, label, batch_size, num_workers, accelerator, progress,
-             random_init, seed) -> Embedding:
+             random_init, seed, limit) -> Embedding:
     import torch
 
     from pipeline.data.loader import LoaderConfig, SourceConfig, StreamingLoader, to_device
 
     loaded = {m: v for m, v in load_encoders(encoders, random_init=random_init, seed=seed).items() if m in chosen}
-    heads = clip_projections(encoders, {m: e for m, (e, _) in loaded.items()}) if space == "clip" else {}
+    heads = (clip_projections(encoders, {m: e for m, (e, _) in loaded.items()}, random_init=random_init, seed=seed)
+             if space == "clip" else {})
     if space == "clip":
         chosen = [m for m in chosen if m in heads]
         if not chosen:
@@ -207,9 +220,14 @@ def _compute(encoders, shardset, chosen, space, label, batch_size, num_workers, 
                                  world_size=world)
         rows: dict[str, list[np.ndarray]] = {m: [] for m in chosen}
         labels: list[np.ndarray] = []
-        bar = _bar(shardset.total // world, progress and rank == 0)
+        share = None if limit is None else -(-limit // world)
+        bar = _bar(min(shardset.total // world, share or shardset.total), progress and rank == 0)
+        seen = 0
         with torch.no_grad():
             for batch in loader:
+                if share is not None and seen >= share:
+                    break
+                seen += len(batch["__key__"])
                 batch = to_device(batch, device)
                 for m in chosen:
                     rows[m].append(_rows(space, m, batch, loaded[m][0], heads.get(m)))
@@ -217,7 +235,7 @@ def _compute(encoders, shardset, chosen, space, label, batch_size, num_workers, 
                     labels.append(batch["cls"].cpu().numpy())
                 bar.update(len(batch["__key__"]))
         bar.close()
-        names = [k for line in _lines(ledger, rank) for k in json.loads(line)["keys"]]
+        names = [k for line in _lines(ledger, rank) for k in json.loads(line)["keys"]][:seen]
     local = {"x": {m: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for m, v in rows.items()},
              "names": names, "labels": np.concatenate(labels) if labels else None}
     if world > 1:
@@ -257,8 +275,8 @@ def _assemble(parts: list[dict], chosen: list[str], shardset, label) -> Embeddin
 
     by_name = {shard_name(s.path): s.path for s in shardset.shards}
     order = {shard_name(s.path): i for i, s in enumerate(shardset.shards)}
-    meta = _metadata(shardset)
     names = [n for p in parts for n in p["names"]]
+    meta = _metadata(shardset, {n.split(":", 2)[1] for n in names})
     x = {m: np.concatenate([p["x"][m] for p in parts if len(p["names"])]) if names else np.zeros((0, 0), np.float32)
          for m in chosen}
     y = np.concatenate([p["labels"] for p in parts if p["labels"] is not None]) if label and names else None
@@ -276,13 +294,15 @@ def _assemble(parts: list[dict], chosen: list[str], shardset, label) -> Embeddin
     return Embedding(feats, [where[i] for i in perm])
 
 
-def _metadata(shardset) -> dict[tuple[str, str], tuple[int, str | None]]:
+def _metadata(shardset, used: set[str]) -> dict[tuple[str, str], tuple[int, str | None]]:
     """(shard file name, key) → (position in shard, paired caption) from a pass over the small members."""
     from pipeline.data.loader import shard_name
     from pipeline.data.shards import iter_samples
 
     out = {}
     for s in shardset.shards:
+        if shard_name(s.path) not in used:
+            continue
         for sample in iter_samples(s.path, exts={"txt"}):
             raw = sample.get("txt")
             out[(shard_name(s.path), sample["__key__"])] = (sample["__index__"],
@@ -301,9 +321,11 @@ def _bar(total: int, enabled: bool):
 
 def _cache_file(cache_dir, dirs: dict, chosen: list[str], shardset, settings: dict) -> Path:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    weights_matter = settings["space"] != "raw" and not settings["random_init"]
     for m in sorted(chosen):
         h.update(m.encode())
-        for f in sorted(p for p in dirs[m].rglob("*") if p.is_file()):
+        files = sorted(p for p in dirs[m].rglob("*") if p.is_file())
+        for f in files if weights_matter else [f for f in files if f.suffix == ".json" or f.name.startswith("tok")]:
             h.update(f.name.encode())
             h.update(_file_hash(f).encode())
     heads = dirs[chosen[0]].parent.parent / "heads"
@@ -388,3 +410,23 @@ def _accelerator():
     from accelerate import Accelerator
 
     return Accelerator()
+
+
+def embed_strings(encoders: str | Path, texts: list[str], *, space: str = "clip", random_init: bool = False,
+                  seed: int = 0, batch_size: int = 256) -> np.ndarray:
+    """[N, D] features of plain strings (zero-shot prompts) with the text encoder of ``encoders``,
+    preprocessed as the text shards are."""
+    import torch
+
+    loaded = load_encoders(encoders, random_init=random_init, seed=seed)
+    if "text" not in loaded:
+        raise ConfigError(f"--encoders {encoders}: no text encoder to embed class names with")
+    enc, mod = loaded["text"]
+    head = (clip_projections(encoders, {m: e for m, (e, _) in loaded.items()}, random_init=random_init,
+                             seed=seed).get("text") if space == "clip" else None)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            batch = {"text": mod.collate([mod.transform(t, None) for t in texts[i:i + batch_size]])}
+            out.append(_rows(space, "text", batch | {"__key__": texts[i:i + batch_size]}, enc, head))
+    return np.concatenate(out) if out else np.zeros((0, enc.hidden_size), np.float32)
