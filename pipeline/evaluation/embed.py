@@ -199,9 +199,10 @@ def _compute(encoders, shardset, chosen, space, label, batch_size, num_workers, 
 
     from pipeline.data.loader import LoaderConfig, SourceConfig, StreamingLoader, to_device
 
-    loaded = {m: v for m, v in load_encoders(encoders, random_init=random_init, seed=seed).items() if m in chosen}
-    heads = (clip_projections(encoders, {m: e for m, (e, _) in loaded.items()}, random_init=random_init, seed=seed)
+    every = load_encoders(encoders, random_init=random_init, seed=seed)
+    heads = (clip_projections(encoders, {m: e for m, (e, _) in every.items()}, random_init=random_init, seed=seed)
              if space == "clip" else {})
+    loaded = {m: v for m, v in every.items() if m in chosen}
     if space == "clip":
         chosen = [m for m in chosen if m in heads]
         if not chosen:
