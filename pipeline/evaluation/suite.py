@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from pipeline.config import ConfigError
 from pipeline.evaluation import baselines, report
@@ -66,6 +67,7 @@ def run_suite(cfg, out_dir: Path, accelerator=None, progress: bool = True) -> di
     rep = report.write_report(out_dir, entries, context)
     curves = {Path(e).name: _metrics(Path(e)) for e in cfg.encoders if (Path(e) / "metrics.jsonl").is_file()}
     report.write_html(out_dir, rep, curves=curves or None, embedding_map=figures.get("map"),
+                      confusion=figures.get("confusion"),
                       retrieval_examples=figures["examples"][:6])
     return rep
 
@@ -139,11 +141,13 @@ class _Pair:
         for task in tasks:
             module = {"knn": knn, "linear_probe": linear_probe}[task]
             ecfg = module.Config(**self.cfg.evaluators.get(task, {}))
-            t0 = time.perf_counter()
-            metrics = module.evaluate(ecfg, *trained)
-            seconds = time.perf_counter() - t0
-            base_r = {b.name: b.value for b in module.evaluate(ecfg, *rand)}
-            base_x = {b.name: b.value for b in module.evaluate(ecfg, *raw)}
+            # one BLAS thread: small fits on shared cores run many times slower with a thread per core
+            with threadpool_limits(limits=1, user_api="blas"):
+                t0 = time.perf_counter()
+                metrics = module.evaluate(ecfg, *trained)
+                seconds = time.perf_counter() - t0
+                base_r = {b.name: b.value for b in module.evaluate(ecfg, *rand)}
+                base_x = {b.name: b.value for b in module.evaluate(ecfg, *raw)}
             for metric in metrics:
                 metric.extra["modality"] = m
                 out.append(report.entry(metric, baselines={"random_init": base_r.get(metric.name),
@@ -151,8 +155,15 @@ class _Pair:
                                         encoder=f"{Path(self.enc).name}/{m}", data=_short(self.test),
                                         n_train=len(trained[0]), seconds=seconds))
         if "map" not in figures and m != "text":
-            figures["map"] = {"x": trained[1].x, "labels": trained[1].labels,
-                              "title": f"{Path(self.enc).name}/{m} on {_short(self.test)} (PCA)"}
+            names = self.class_names()
+            figures["map"] = {"x": trained[1].x, "labels": trained[1].labels, "names": names,
+                              "title": f"{Path(self.enc).name}/{m} on {_short(self.test)}"}
+            probe = next((e for e in out if e["task"] == "linear_probe"), None)
+            if probe is not None:
+                ids = probe["extra"]["labels"]
+                figures["confusion"] = {"matrix": probe["extra"]["confusion"],
+                                        "labels": [names[i] if names and i < len(names) else str(i) for i in ids],
+                                        "title": f"linear probe, {probe['encoder']} on {probe['data']}"}
         return out
 
     def _raw(self, m: str) -> tuple[Features, Features]:
