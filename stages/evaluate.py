@@ -33,7 +33,7 @@ class Config(StageConfig):
     #: training side of the probes, one per test set (default: half of each test set)
     train_data: str | list[str] | None = None
     #: comma-separated: knn, linear_probe, zero_shot, retrieval, finetune
-    task: str | list[str] = "knn,linear_probe,zero_shot,retrieval"
+    task: str | list[str] = Field(default_factory=lambda: ["knn", "linear_probe", "zero_shot", "retrieval"])
     label_key: str = "cls"
     #: class names, one per line (line i names class i) for zero-shot
     classes: str | None = None
