@@ -18,7 +18,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from pipeline.config import ConfigError
-from pipeline.evaluation import baselines, report
+from pipeline.evaluation import baselines, page, report
 from pipeline.evaluation.embed import embed, embed_strings, encoder_dirs
 from pipeline.evaluators import knn, linear_probe, retrieval, zero_shot
 from pipeline.evaluators.base import Features
@@ -66,7 +66,7 @@ def run_suite(cfg, out_dir: Path, accelerator=None, progress: bool = True) -> di
                "seconds": time.perf_counter() - start}
     rep = report.write_report(out_dir, entries, context)
     curves = {Path(e).name: _metrics(Path(e)) for e in cfg.encoders if (Path(e) / "metrics.jsonl").is_file()}
-    report.write_html(out_dir, rep, curves=curves or None, embedding_map=figures.get("map"),
+    page.write_html(out_dir, rep, curves=curves or None, embedding_map=figures.get("map"),
                       confusion=figures.get("confusion"),
                       retrieval_examples=figures["examples"][:6])
     return rep
