@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import STARTER
+
 from pipeline.config import ConfigError
 from pipeline.retrieval.index import Index, exact_search, write
 
@@ -175,13 +175,19 @@ def test_stock_dual_encoder_loads_and_matches_its_own_features(tmp_path):
     """A ``VisionTextDualEncoderModel`` directory with its processor and tokenizer: the loader's
     features are the model's projected features, normalized."""
     from PIL import Image
-    from transformers import (BertConfig, BertTokenizerFast, ViTConfig, ViTImageProcessor,
-                              VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
+    from transformers import (
+        BertConfig,
+        BertTokenizerFast,
+        VisionTextDualEncoderConfig,
+        VisionTextDualEncoderModel,
+        ViTConfig,
+        ViTImageProcessor,
+    )
 
     from pipeline.retrieval.clip import load_clip
 
     vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "apple", "cat"]) + "\n")
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nred\napple\ncat\n")
     tok = BertTokenizerFast(vocab_file=str(vocab), model_max_length=16)
     cfg = VisionTextDualEncoderConfig.from_vision_text_configs(
         ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
