@@ -56,7 +56,7 @@ def run(args) -> int:
         try:  # the model decodes example files with its own settings (sample rate, colour mode)
             features = clip.encode(modality, batch)
         except (ValueError, OSError) as e:  # a file that is no image / sound names itself
-            raise ConfigError(f"--{modality} {' '.join(str(e).split())}") from None
+            raise ConfigError(f"--{modality}: {' '.join(str(e).split())}") from None
         hits = index.search(features.numpy(), target, args.k)
         results += [_hits(index, target, labels[start + i], hits.scores[i], hits.rows[i]) for i in range(len(batch))]
     if args.json:
