@@ -1,0 +1,390 @@
+"""Frozen encoder(s) + a shard set → features, keys, labels: the one pass every evaluator shares.
+
+    selfsup embed --encoders runs/starter/mae_image --data data/starter/fmnist/test --out fmnist.safetensors
+
+Samples go through the project's streaming loader for one epoch, without augmentation, with the
+modality settings the encoder directory was saved with (its eval preprocessing). Under
+``accelerate launch`` every process embeds its share of the shards and process 0 gathers the rows.
+Rows come back in shard order (shard, then position in it), whatever the number of processes, so a
+cached pass and a fresh one agree row for row.
+
+``space`` chooses what a row is: ``"encoder"`` the pooled embedding the encoder directory declares
+(its ``pooling``), ``"clip"`` that embedding through the CLIP projection of ``heads/clip*``,
+L2-normalized, and ``"raw"`` the input itself (pixels, log-mel statistics; text has no raw vector,
+its ``texts`` are the raw input). ``random_init=True`` embeds with the same architecture at random
+init, the baseline every figure is reported beside.
+
+With ``cache_dir`` a pass is stored under a content hash of (encoder weights, shard files,
+settings), so several evaluators, or a rerun, read one pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.config import ConfigError
+from pipeline.evaluators.base import Features
+
+if TYPE_CHECKING:
+    from modalities.base import Modality
+    from pipeline.encoders.base import Encoder
+
+SPACES = ("encoder", "clip", "raw")
+#: bumps when what a cached pass holds changes
+_CACHE_VERSION = 1
+
+
+@dataclass
+class Embedding:
+    """Features of one shard set, one ``Features`` per modality, rows aligned across modalities."""
+
+    features: dict[str, Features]
+    #: per sample (aligned with keys): (shard path or url, position in that shard)
+    where: list[tuple[str, int]]
+
+
+def encoder_dirs(path: str | Path) -> dict[str, Path]:
+    """modality → encoder directory, for a stage directory (``encoders/<modality>/``), an exported
+    directory of ``<modality>/`` encoder directories, or one plain stock transformers directory."""
+    from pipeline.encoders import saved
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"--encoders {path}: no such directory")
+    root = path / "encoders" if (path / "encoders").is_dir() else path
+    if (root / "config.json").is_file():  # one encoder directory, ours or stock
+        dirs = [root]
+    else:
+        dirs = sorted(d for d in root.iterdir() if d.is_dir() and ((d / saved.SETTINGS).is_file()
+                                                                   or (d / "config.json").is_file()))
+    if not dirs:
+        raise ConfigError(f"--encoders {path}: no encoder directories (neither encoders/<modality>/, "
+                          "<modality>/ with selfsup.json, nor a config.json)")
+    out: dict[str, Path] = {}
+    for d in dirs:
+        info = saved.settings(d)
+        modality = info["modality"] if info is not None else _stock_modality(d)
+        if modality in out:
+            raise ConfigError(f"--encoders {path}: two {modality} encoders ({out[modality]} and {d})")
+        out[modality] = d
+    return out
+
+
+def _stock_modality(path: Path) -> str:
+    from pipeline.encoders import saved
+
+    mod, _ = saved.load(path)
+    return mod.name
+
+
+def load_encoders(path: str | Path, *, random_init: bool = False, seed: int = 0) -> dict[str, tuple[Encoder, Modality]]:
+    """modality → (frozen encoder in eval mode, its modality with the saved settings). With
+    ``random_init`` the same architecture and settings, weights drawn fresh from ``seed``."""
+    import torch
+
+    from pipeline.encoders import saved
+
+    out = {}
+    for modality, d in encoder_dirs(path).items():
+        mod, enc = saved.load(d)
+        if random_init:
+            torch.manual_seed(seed)
+            enc = mod.encoder(enc.cfg.model_copy(update={"init_from": None}))
+        enc.eval().requires_grad_(False)
+        out[modality] = (enc, mod)
+    return out
+
+
+def clip_projections(path: str | Path, encoders: dict[str, Encoder]):
+    """modality → the CLIP objective holding its projection, from ``<path>/heads/clip*``."""
+    from pipeline.encoders import saved
+
+    heads = Path(path) / "heads"
+    found = {}
+    for d in sorted(heads.glob("*")) if heads.is_dir() else []:
+        if not (d / saved.HEADS_SETTINGS).is_file():
+            continue
+        info = saved.heads_settings(d)
+        if info["objective"] != "clip" or not all(m in encoders for m in info["modalities"]):
+            continue
+        objective = saved.load_heads(d, {m: encoders[m] for m in info["modalities"]})
+        for m in info["modalities"]:
+            found.setdefault(m, objective)
+    if not found:
+        raise ConfigError(f"--encoders {path}: space 'clip' needs CLIP heads (heads/clip*/heads.json); there are none")
+    return found
+
+
+def embed(encoders: str | Path, data: str | list[str], *, modalities: list[str] | None = None,
+          space: str = "encoder", label_key: str | None = "cls", batch_size: int = 64, num_workers: int = 0,
+          accelerator=None, cache_dir: str | Path | None = None, progress: bool = True,
+          random_init: bool = False, seed: int = 0) -> Embedding:
+    """Embed every sample of ``data`` with the encoders of ``encoders`` (see the module docstring).
+
+    modalities: those to embed (default: every encoder modality the samples hold). label_key: the
+    shard key of integer labels, used where the samples have it."""
+    if space not in SPACES:
+        raise ConfigError(f"embed: space must be one of {', '.join(SPACES)}, got {space!r}")
+    from pipeline.data.shards import open_shards
+
+    shardset = open_shards(data)
+    if not shardset.shards:
+        raise ConfigError(f"--data {data}: no shards")
+    dirs = encoder_dirs(encoders)
+    first = _first_sample(shardset.shards[0].path)
+    chosen = _choose(dirs, first, modalities, encoders, data)
+    label = label_key if label_key and label_key in first else None
+    settings = {"v": _CACHE_VERSION, "space": space, "modalities": chosen, "label": label, "random_init": random_init,
+                "seed": seed}
+    cache = _cache_file(cache_dir, dirs, chosen, shardset, settings) if cache_dir else None
+    rank = accelerator.process_index if accelerator is not None else 0
+    if cache is not None and cache.with_suffix(".json").is_file():
+        return _read(cache)
+    result = _compute(encoders, shardset, chosen, space, label, batch_size, num_workers, accelerator, progress,
+                      random_init, seed)
+    if cache is not None and rank == 0:
+        _write(cache, result)
+    return result
+
+
+def _first_sample(path: str) -> dict:
+    from pipeline.data.shards import iter_samples
+
+    sample = next(iter_samples(path, 0, 1), None)
+    if sample is None:
+        raise ConfigError(f"{path}: empty shard")
+    return sample
+
+
+def _choose(dirs: dict, sample: dict, modalities, encoders, data) -> list[str]:
+    from pipeline import registry
+
+    have = [m for m in dirs if registry.modality(m).extensions and any(e in sample for e in registry.modality(m).extensions)]
+    if modalities is None:
+        if not have:
+            raise ConfigError(f"--data {data}: samples hold none of the encoder modalities of {encoders} "
+                              f"({', '.join(dirs)}); keys: {', '.join(k for k in sample if not k.startswith('__'))}")
+        return have
+    for m in modalities:
+        if m not in dirs:
+            raise ConfigError(f"embed: no {m} encoder in {encoders} (has {', '.join(dirs)})")
+        if m not in have:
+            raise ConfigError(f"--data {data}: samples hold no {m} ({', '.join(registry.modality(m).extensions)})")
+    return list(modalities)
+
+
+def _compute(encoders, shardset, chosen, space, label, batch_size, num_workers, accelerator, progress,
+             random_init, seed) -> Embedding:
+    import torch
+
+    from pipeline.data.loader import LoaderConfig, SourceConfig, StreamingLoader, to_device
+
+    loaded = {m: v for m, v in load_encoders(encoders, random_init=random_init, seed=seed).items() if m in chosen}
+    heads = clip_projections(encoders, {m: e for m, (e, _) in loaded.items()}) if space == "clip" else {}
+    if space == "clip":
+        chosen = [m for m in chosen if m in heads]
+        if not chosen:
+            raise ConfigError(f"--encoders {encoders}: its CLIP heads project none of the modalities of the data")
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    for enc, _ in loaded.values():
+        enc.to(device)
+    for obj in {id(o): o for o in heads.values()}.values():
+        obj.to(device)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    src = SourceConfig(shards=[s.path for s in shardset.shards], modalities=chosen, label=label)
+    with tempfile.TemporaryDirectory() as ledger:
+        cfg = LoaderConfig(batch_size=batch_size, num_workers=num_workers, epochs=1, augment=False, ledger=ledger,
+                           interleave=1)
+        loader = StreamingLoader({"data": src}, cfg, {m: mod.cfg for m, (_, mod) in loaded.items()}, rank=rank,
+                                 world_size=world)
+        rows: dict[str, list[np.ndarray]] = {m: [] for m in chosen}
+        labels: list[np.ndarray] = []
+        bar = _bar(shardset.total // world, progress and rank == 0)
+        with torch.no_grad():
+            for batch in loader:
+                batch = to_device(batch, device)
+                for m in chosen:
+                    rows[m].append(_rows(space, m, batch, loaded[m][0], heads.get(m)))
+                if label:
+                    labels.append(batch["cls"].cpu().numpy())
+                bar.update(len(batch["__key__"]))
+        bar.close()
+        names = [k for line in _lines(ledger, rank) for k in json.loads(line)["keys"]]
+    local = {"x": {m: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for m, v in rows.items()},
+             "names": names, "labels": np.concatenate(labels) if labels else None}
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([local])
+    else:
+        parts = [local]
+    return _assemble(parts, chosen, shardset, label)
+
+
+def _lines(ledger: str, rank: int) -> list[str]:
+    from pipeline.data.ledger import ledger_path
+
+    path = ledger_path(ledger, rank)
+    return [ln for ln in path.read_text().splitlines() if ln] if path.is_file() else []
+
+
+def _rows(space: str, m: str, batch: dict, enc, head) -> np.ndarray:
+    """[B, D] float32 rows of one batch of modality ``m``."""
+    from pipeline.evaluation import baselines
+
+    if space == "raw":
+        x = batch[m]
+        if isinstance(x, dict):  # token ids are no vector; text's raw input is its string
+            return np.zeros((len(batch["__key__"]), 0), np.float32)
+        x = x.float().cpu().numpy()
+        return baselines.logmel_stats(x) if x.ndim == 4 and x.shape[1] == 1 and m == "audio" else baselines.pixel_features(x)
+    if space == "clip":
+        return head.features(batch, m).float().cpu().numpy()
+    return enc.embed(batch[m]).float().cpu().numpy()
+
+
+def _assemble(parts: list[dict], chosen: list[str], shardset, label) -> Embedding:
+    """Rows of every process in shard order, with keys, positions, labels and paired texts."""
+    from pipeline.data.loader import shard_name
+
+    by_name = {shard_name(s.path): s.path for s in shardset.shards}
+    order = {shard_name(s.path): i for i, s in enumerate(shardset.shards)}
+    meta = _metadata(shardset)
+    names = [n for p in parts for n in p["names"]]
+    x = {m: np.concatenate([p["x"][m] for p in parts if len(p["names"])]) if names else np.zeros((0, 0), np.float32)
+         for m in chosen}
+    y = np.concatenate([p["labels"] for p in parts if p["labels"] is not None]) if label and names else None
+    where, keys, texts = [], [], []
+    for n in names:
+        _, shard, key = n.split(":", 2)
+        index, text = meta[(shard, key)]
+        where.append((by_name[shard], index))
+        keys.append(key)
+        texts.append(text)
+    perm = sorted(range(len(names)), key=lambda i: (order[shard_name(where[i][0])], where[i][1]))
+    has_text = any(t is not None for t in texts)
+    feats = {m: Features(x=x[m][perm], keys=[keys[i] for i in perm], labels=None if y is None else y[perm],
+                         texts=[texts[i] or "" for i in perm] if has_text else None) for m in chosen}
+    return Embedding(feats, [where[i] for i in perm])
+
+
+def _metadata(shardset) -> dict[tuple[str, str], tuple[int, str | None]]:
+    """(shard file name, key) → (position in shard, paired caption) from a pass over the small members."""
+    from pipeline.data.loader import shard_name
+    from pipeline.data.shards import iter_samples
+
+    out = {}
+    for s in shardset.shards:
+        for sample in iter_samples(s.path, exts={"txt"}):
+            raw = sample.get("txt")
+            out[(shard_name(s.path), sample["__key__"])] = (sample["__index__"],
+                                                          raw.decode("utf-8", "replace") if raw else None)
+    return out
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="embed", unit="sample", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------- cache
+
+
+def _cache_file(cache_dir, dirs: dict, chosen: list[str], shardset, settings: dict) -> Path:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for m in sorted(chosen):
+        h.update(m.encode())
+        for f in sorted(p for p in dirs[m].rglob("*") if p.is_file()):
+            h.update(f.name.encode())
+            h.update(_file_hash(f).encode())
+    heads = dirs[chosen[0]].parent.parent / "heads"
+    if settings["space"] == "clip" and heads.is_dir():
+        for f in sorted(p for p in heads.rglob("*") if p.is_file()):
+            h.update(_file_hash(f).encode())
+    for s in shardset.shards:
+        h.update((s.sha256 or _file_hash(Path(s.path))).encode())
+    return Path(cache_dir) / f"embed-{h.hexdigest()[:24]}.safetensors"
+
+
+def _file_hash(path: Path) -> str:
+    from pipeline.data.shards import sha256_file
+
+    return sha256_file(path)
+
+
+def _write(path: Path, emb: Embedding) -> None:
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{m}.x": np.ascontiguousarray(f.x) for m, f in emb.features.items()}
+    first = next(iter(emb.features.values()))
+    if first.labels is not None:
+        tensors["labels"] = first.labels
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    side = {"modalities": list(emb.features), "keys": first.keys, "texts": first.texts,
+            "where": [list(w) for w in emb.where]}
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(side))
+    os.replace(tmp, path.with_suffix(".json"))
+
+
+def _read(path: Path) -> Embedding:
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(path))
+    side = json.loads(path.with_suffix(".json").read_text())
+    feats = {m: Features(tensors[f"{m}.x"], side["keys"], tensors.get("labels"), side["texts"]) for m in side["modalities"]}
+    return Embedding(feats, [(w[0], int(w[1])) for w in side["where"]])
+
+
+# ---------------------------------------------------------------- the command
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--encoders", required=True, metavar="DIR",
+                        help="pretrain stage directory, exported directory, or a stock transformers directory")
+    parser.add_argument("--data", required=True, nargs="+", metavar="SHARDS", help="shard folder, manifest or tar files")
+    parser.add_argument("--out", required=True, metavar="FILE", help="features (.safetensors); keys go beside it as .json")
+    parser.add_argument("--space", default="encoder", choices=SPACES, help="pooled encoder features, CLIP space, or raw input")
+    parser.add_argument("--modalities", default=None, help="comma-separated (default: every modality the samples hold)")
+    parser.add_argument("--label-key", default="cls", help="shard key of integer labels (default: cls)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=0)
+
+
+def run(args) -> int:
+    """``selfsup embed``: write ``<out>`` (``<modality>.x`` [N, D] per modality, ``labels``) and
+    ``<out stem>.json`` (keys, texts, shard positions)."""
+    accelerator = _accelerator()
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out {out}: features are written as safetensors; name the file *.safetensors")
+    data = args.data if len(args.data) > 1 else args.data[0]
+    mods = [m.strip() for m in args.modalities.split(",")] if args.modalities else None
+    emb = embed(args.encoders, data, modalities=mods, space=args.space, label_key=args.label_key or None,
+                batch_size=args.batch_size, num_workers=args.num_workers, accelerator=accelerator)
+    if accelerator is None or accelerator.is_main_process:
+        _write(out, emb)
+        dims = ", ".join(f"{m} {f.x.shape[1]}" for m, f in emb.features.items())
+        print(f"{out}: {len(emb.where)} samples ({dims}); keys in {out.with_suffix('.json')}")
+    return 0
+
+
+def _accelerator():
+    """An Accelerator when launched with several processes (``accelerate launch``), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator()
