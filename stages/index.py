@@ -41,33 +41,31 @@ def inputs(cfg: Config, ctx: Context) -> list[str]:
 
 
 def run(cfg: Config, ctx: Context) -> dict:
+    from pipeline.config import ConfigError
     from pipeline.evaluation.embed import embed
     from pipeline.retrieval import index
-    from pipeline.retrieval.clip import load_clip
+    from pipeline.retrieval.clip import StageClip, load_clip
 
     t0 = time.time()
     model_dir = ctx.path(cfg.encoders).resolve()
-    pair = load_clip(model_dir).modalities  # fails early, naming the directory, if it is no CLIP model
+    clip = load_clip(model_dir)  # fails early, naming the directory, if it is no CLIP model
+    if not isinstance(clip, StageClip):
+        raise ConfigError(f"--encoders {model_dir}: index the CLIP stage directory (or the stage-layout export) "
+                          "this dual encoder was exported from; its features are the same")
+    pair = clip.modalities
     wanted = cfg.modalities or list(pair)
     for m in wanted:
         if m not in pair:
-            from pipeline.config import ConfigError
-
             raise ConfigError(f"modalities: {m!r} is not embedded by the CLIP model {model_dir} ({', '.join(pair)})")
     data = [str(ctx.path(s)) for s in cfg.data]
     emb = embed(model_dir, data, modalities=wanted, space="clip", label_key=None, batch_size=cfg.batch_size,
                 num_workers=cfg.num_workers, progress=ctx.progress)
-    place = dict(zip(_keys_of(emb), emb.where))
-    found = {m: f for m, f in emb.features.items() if len(f)}
+    found = {m: f for m, f in emb.features.items() if len(f)}  # rows aligned across modalities and with where
     index.write(ctx.out_dir, {m: f.x for m, f in found.items()}, {m: list(f.keys) for m, f in found.items()},
-                {m: [place[k] for k in f.keys] for m, f in found.items()},
+                {m: emb.where for m in found},
                 {"encoders": str(model_dir), "pair": list(pair), "data": data, "space": "clip"})
     counts = {m: len(f) for m, f in found.items()}
     ctx.log.info("index: %s in %.1fs → %s", ", ".join(f"{n} {m}" for m, n in counts.items()), time.time() - t0,
                  ctx.out_dir)
     return {"counts": counts, "seconds": round(time.time() - t0, 2)}
 
-
-def _keys_of(emb) -> list[str]:
-    """The sample keys ``emb.where`` is aligned with: the keys of the modality seen in most samples."""
-    return list(max(emb.features.values(), key=len).keys)

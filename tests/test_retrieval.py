@@ -165,7 +165,7 @@ def test_retrieve_errors_are_one_line(clip_index, tmp_path, capsys, argv, messag
     _, path = clip_index
     (tmp_path / "bad.png").write_bytes(b"not an image")
     (tmp_path / "bad.flac").write_bytes(b"not a sound")
-    argv = [a.replace("{bad}", str(tmp_path / ("bad.png" if "image" in argv else "bad.flac"))) for a in argv]
+    argv = [a.replace("{bad}", str(tmp_path / ("bad.png" if "--image" in argv else "bad.flac"))) for a in argv]
     assert main(["retrieve", str(path), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1

@@ -103,8 +103,8 @@ def _decoded(mod, item):
         try:
             ext, data = mod.encode(Path(item))
             return mod.decode(data, ext)
-        except ValueError as e:
-            raise ValueError(f"{item}: {e}") from None
+        except ValueError as e:  # the message names the file once
+            raise ValueError(str(e) if str(item) in str(e) else f"{item}: {e}") from None
     if mod.name == "image":
         mode = "L" if mod.cfg.channels == 1 else "RGB"
         return item if item.mode == mode else item.convert(mode)

@@ -46,6 +46,9 @@ def run(args) -> int:
     modality, queries, labels = _queries(args)
     target = args.target or _other(index, modality)
     index.check(target)
+    pair = index.info.get("pair") or index.modalities
+    if modality not in pair:
+        raise ConfigError(f"{index.info['encoders']}: this CLIP model embeds {' and '.join(pair)}, not {modality} queries")
     clip = _model(index)
     if modality not in clip.modalities:
         raise ConfigError(f"{index.info['encoders']}: this CLIP model embeds {' and '.join(clip.modalities)}, "
@@ -107,8 +110,11 @@ def _other(index, modality: str) -> str:
 
 
 def _model(index):
+    from transformers.utils import logging as hf_logging
+
     from pipeline.retrieval.clip import load_clip
 
+    hf_logging.disable_progress_bar()  # the hits are the output; weight-loading bars would bury them
     path = Path(index.info["encoders"])
     if not path.is_dir():
         raise ConfigError(f"{index.path}/index.json: the CLIP model {path} that built this index is gone")
