@@ -213,3 +213,48 @@ def test_stock_dual_encoder_loads_and_matches_its_own_features(tmp_path):
     assert torch.allclose(clip.encode_text("a red apple"), torch.nn.functional.normalize(want_t, dim=-1), atol=1e-6)
     with pytest.raises(ConfigError, match="not audio"):
         clip.encode_audio([np.zeros(100)])
+
+
+def test_audio_text_index_round_trip_and_players(tmp_path, capsys):
+    """The audio–text pair: a sound decoded from its shard and embedded by ``encode_audio`` (a raw
+    waveform) finds its own row; ``--audio FILE`` searches text by default; the page has players."""
+    import yaml
+
+    from pipeline.cli import main
+    from pipeline.data.shards import iter_samples, open_shards
+    from pipeline.encoders import saved
+    from pipeline.retrieval.clip import load_clip
+    from pipeline.runner import run_recipe
+
+    speech = STARTER / "speech" / "test"
+    recipe = {
+        "name": "tiny", "sources": {"speech": {"shards": str(speech), "modalities": ["audio", "text"]}},
+        "modalities": {"audio": {"n_mels": 32, "clip_seconds": 0.5},
+                       "text": {"tokenizer": "{run}/tokenize", "max_length": 16}},
+        "stages": [
+            {"name": "tokenize", "shards": [str(speech)], "vocab_size": 300},
+            {"name": "clip", "stage": "pretrain", "sources": ["speech"], "steps": 2,
+             "objectives": {"clip": {"modalities": ["audio", "text"]}},
+             "encoders": {"audio": {**TINY, "patch_size": 8}, "text": TINY},
+             "loader": {"batch_size": 8, "num_workers": 0}},
+            {"name": "index", "encoders": "{run}/clip", "data": [str(speech)], "batch_size": 32},
+        ],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    run = run_recipe(tmp_path / "r.yaml", runs=tmp_path / "runs", progress=False)
+    index = Index(run / "index")
+    assert set(index.modalities) == {"audio", "text"}
+    clip = load_clip(run / "clip")
+    samples = list(iter_samples(open_shards(str(speech)).shards[0].path, stop=3))
+    mod, _ = saved.load(run / "clip" / "encoders" / "audio")
+    ext = next(e for e in mod.extensions if e in samples[0])
+    waves = [mod.decode(s[ext], ext).numpy() for s in samples]
+    hits = index.search(clip.encode_audio(waves).numpy(), "audio", 1)
+    assert [index.keys("audio")[r] for r in hits.rows[:, 0]] == [s["__key__"] for s in samples]
+
+    (tmp_path / f"q.{ext}").write_bytes(samples[0][ext])
+    html = tmp_path / "hits.html"
+    assert main(["retrieve", str(run / "index"), "--audio", str(tmp_path / f"q.{ext}"), "-k", "2", "--json"]) == 0
+    assert [h["modality"] for h in json.loads(capsys.readouterr().out)[0]["hits"]] == ["text", "text"]
+    assert main(["retrieve", str(run / "index"), "hello", "-k", "2", "--html", str(html)]) == 0
+    assert html.read_text().count("<audio controls src='data:audio/") == 2
