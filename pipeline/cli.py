@@ -53,7 +53,7 @@ def _options(parser: argparse.ArgumentParser, command: list[str]) -> list[str]:
 
 
 #: plain commands (not recipe stages): name → module with ``add_arguments(parser)`` and ``run(args) -> int``
-COMMANDS = {"embed": "pipeline.evaluation.embed", "retrieve": "pipeline.export.retrieve"}
+COMMANDS = {"embed": "pipeline.evaluation.embed", "retrieve": "pipeline.retrieval.retrieve"}
 
 
 def main(argv: list[str] | None = None) -> int:
