@@ -1,7 +1,7 @@
 """Build the small starter data sets under ``data/starter/`` as webdataset shards.
 
 Every split directory holds gzip-compressed tar shards and a ``manifest.json`` written by
-``pipeline.data.shards.write_shards``, so they are exactly what the pipeline reads. Sources, all local:
+``pipeline.data.writer.write_shards``, so they are exactly what the pipeline reads. Sources, all local:
 
 * ``fmnist``  Fashion-MNIST IDX files of the Debian package ``dataset-fashion-mnist``
   (``png`` 28x28 grayscale, ``cls``, ``json``).
@@ -38,7 +38,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline import registry
-from pipeline.data.shards import iter_samples, open_shards, write_shards
+from pipeline.data.shards import iter_samples, open_shards
+from pipeline.data.writer import write_shards
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 WORDNET_DIR = Path("/usr/share/wordnet")

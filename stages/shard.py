@@ -16,8 +16,8 @@ from pydantic import Field, field_validator
 from pipeline import lock
 from pipeline.data.paths import escape
 from pipeline.data.remote import is_url, upload
-from pipeline.data.shards import write_shards
 from pipeline.data.sources import SampleEncoder, open_source, unique
+from pipeline.data.writer import write_shards
 from pipeline.stage import Context, StageConfig
 
 positional = ("input",)

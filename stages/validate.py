@@ -22,8 +22,9 @@ from pydantic import Field, field_validator
 
 from pipeline import registry
 from pipeline.data import remote
-from pipeline.data.shards import ShardError, index_shards, iter_samples, read_manifest, resolve_spec, sha256_file
+from pipeline.data.shards import ShardError, iter_samples, read_manifest, resolve_spec, sha256_file
 from pipeline.data.tarstream import split_member
+from pipeline.data.writer import index_shards
 from pipeline.stage import Context, StageConfig
 
 HEAD, SPREAD = 16, 8  # samples decoded per shard without --full: the first HEAD, and SPREAD more spaced evenly

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.shards import write_shards
+from pipeline.data.writer import write_shards
 
 REPO = Path(__file__).resolve().parent.parent
 STARTER = REPO / "data" / "starter"

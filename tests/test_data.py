@@ -15,7 +15,7 @@ from conftest import image_shards, png, ranks_keys
 
 from modalities.image import ImageConfig
 from pipeline.data.loader import LoaderConfig, SampleError, SourceConfig, StreamingLoader
-from pipeline.data.shards import write_shards
+from pipeline.data.writer import write_shards
 
 IMAGE = {"image": ImageConfig(size=8, crop_scale=(0.3, 1.0))}
 

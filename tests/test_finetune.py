@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY
 from PIL import Image
 
-from pipeline.data.shards import write_shards
+from pipeline.data.writer import write_shards
 
 
 def colour_shards(out: Path, n: int, offset: int) -> Path:

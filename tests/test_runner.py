@@ -13,7 +13,7 @@ from conftest import REPO
 
 from pipeline.cli import main
 from pipeline.config import ConfigError
-from pipeline.data.shards import write_shards
+from pipeline.data.writer import write_shards
 from pipeline.runner import DEFAULT_RECIPE, load_recipe, run_recipe
 
 TEXTS = ["the red fox", "a blue sky", "green grass grows", "dogs bark at night", "cats sleep all day"] * 4

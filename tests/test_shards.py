@@ -205,7 +205,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_failed_reshard_leaves_the_previous_shards_as_they_were(tmp_path):
-    from pipeline.data.shards import write_shards
+    from pipeline.data.writer import write_shards
 
     out = image_shards(tmp_path / "out", n=30, per_shard=4)
     before = _files(out)

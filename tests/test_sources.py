@@ -67,7 +67,7 @@ def test_field_names_that_would_leave_the_shard_are_refused(tmp_path, capsys):
 
 def test_writer_checks_member_names_whatever_makes_the_samples(tmp_path):
     from pipeline.config import ConfigError
-    from pipeline.data.shards import write_shards
+    from pipeline.data.writer import write_shards
 
     with pytest.raises(ConfigError, match=r"sample key '\.\./up' holds a '\.\.' component"):
         write_shards([0], lambda i: {"__key__": "../up", "txt": b"x"}, tmp_path / "out", workers=1, progress=False)

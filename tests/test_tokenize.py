@@ -11,7 +11,7 @@ from modalities.text import Modality as Text
 from modalities.text import TextConfig
 from pipeline.cli import main
 from pipeline.config import ConfigError
-from pipeline.data.shards import write_shards
+from pipeline.data.writer import write_shards
 from pipeline.stage import Context
 from stages import tokenize
 

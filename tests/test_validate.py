@@ -12,7 +12,7 @@ import soundfile as sf
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.data.shards import write_shards
+from pipeline.data.writer import write_shards
 from pipeline.stage import Context
 from stages import validate
 
