@@ -116,7 +116,8 @@ def test_starter_recipe_runs_end_to_end_with_short_stages(tmp_path):
     assert {"mae_image", "mlm_text", "data2vec_audio", "clip_image_text", "clip_audio_text"} <= set(pretrain)
     short = [f"stages.{n}.{k}={v}" for n in pretrain for k, v in (("steps", 2), ("loader.batch_size", 4),
                                                                    ("loader.num_workers", 0))]
-    run = run_recipe(DEFAULT_RECIPE, ["stages.validate.full=false", *short], runs=tmp_path, progress=False)
+    small = ["stages.evaluate.max_test=32", "stages.evaluate.max_train=64", "stages.tokenize.vocab_size=1000"]
+    run = run_recipe(DEFAULT_RECIPE, ["stages.validate.full=false", *short, *small], runs=tmp_path, progress=False)
     for name in pretrain:
         done = json.loads((run / name / "done.json").read_text())
         assert done["summary"]["step"] == 2, name
@@ -128,6 +129,13 @@ def test_starter_recipe_runs_end_to_end_with_short_stages(tmp_path):
     parity = json.loads((run / "export" / "parity.json").read_text())["max_abs_diff"]
     assert {"image", "text", "audio", "clip_image_text", "clip_audio_text"} <= set(parity)
     assert all(v <= 1e-5 for d in parity.values() for v in d.values()), parity
+    report = json.loads((run / "evaluate" / "report.json").read_text())
+    tasks = {e["task"] for e in report["entries"]}
+    assert {"knn", "linear_probe", "zero_shot", "retrieval"} <= tasks, tasks
+    assert all(set(e["baselines"]) >= {"random_init", "raw_input", "chance"} for e in report["entries"])
+    assert (run / "evaluate" / "report.html").is_file()
+    index = json.loads((run / "index" / "index.json").read_text())
+    assert index, "the index stage wrote no index.json"
 
 
 @pytest.mark.parametrize("name", ["..", "../../../victim", "a/b", "/abs", "."])

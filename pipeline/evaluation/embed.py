@@ -160,7 +160,7 @@ def embed(encoders: str | Path, data: str | list[str], *, modalities: list[str] 
     rank = accelerator.process_index if accelerator is not None else 0
     if cache is not None and cache.with_suffix(".json").is_file():
         return _read(cache)
-    result = _compute(encoders, shardset, chosen, space, label, batch_size, num_workers, accelerator, progress,
+    result = _compute(encoders, data, shardset, chosen, space, label, batch_size, num_workers, accelerator, progress,
                       random_init, seed, limit)
     if cache is not None and rank == 0:
         _write(cache, result)
@@ -193,7 +193,7 @@ def _choose(dirs: dict, sample: dict, modalities, encoders, data) -> list[str]:
     return list(modalities)
 
 
-def _compute(encoders, shardset, chosen, space, label, batch_size, num_workers, accelerator, progress,
+def _compute(encoders, data, shardset, chosen, space, label, batch_size, num_workers, accelerator, progress,
              random_init, seed, limit) -> Embedding:
     import torch
 
@@ -213,7 +213,12 @@ def _compute(encoders, shardset, chosen, space, label, batch_size, num_workers, 
     for obj in {id(o): o for o in heads.values()}.values():
         obj.to(device)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    src = SourceConfig(shards=[s.path for s in shardset.shards], modalities=chosen, label=label)
+    # the spec itself, not its file list: the loader then reads the counts from the manifest
+    spec = [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data)
+    src = SourceConfig(shards=spec, modalities=chosen, label=label)
+    share = None if limit is None else -(-limit // world)
+    if share is not None:
+        batch_size = min(batch_size, share)  # no decoding or forward passes past the limit
     with tempfile.TemporaryDirectory() as ledger:
         cfg = LoaderConfig(batch_size=batch_size, num_workers=num_workers, epochs=1, augment=False, ledger=ledger,
                            interleave=1)
@@ -221,7 +226,6 @@ def _compute(encoders, shardset, chosen, space, label, batch_size, num_workers, 
                                  world_size=world)
         rows: dict[str, list[np.ndarray]] = {m: [] for m in chosen}
         labels: list[np.ndarray] = []
-        share = None if limit is None else -(-limit // world)
         bar = _bar(min(shardset.total // world, share or shardset.total), progress and rank == 0)
         seen = 0
         with torch.no_grad():
