@@ -110,3 +110,22 @@ def test_embed_command_and_cache_agree(folder_shards, stage_dir, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(first.features["image"].x, axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(first.features["text"].x, again.features["text"].x)
     assert first.features["image"].texts[0] == "a red square"
+
+
+@pytest.mark.slow
+def test_embed_under_two_processes_gathers_the_same_rows_as_one(folder_shards, stage_dir, tmp_path):
+    """Under ``accelerate launch`` each process embeds its share and process 0 writes them all, in
+    shard order: the same keys, positions and features as one process."""
+    from conftest import launch_two
+    from safetensors.numpy import load_file
+
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    assert main(["embed", "--encoders", str(stage_dir), "--data", str(folder_shards), "--out", str(one)]) == 0
+    launch_two("-m", "pipeline.cli", "embed", "--encoders", str(stage_dir), "--data", str(folder_shards),
+               "--out", str(two))
+    a, b = load_file(str(one)), load_file(str(two))
+    side_a, side_b = (json.loads(p.with_suffix(".json").read_text()) for p in (one, two))
+    assert side_a["keys"] == side_b["keys"] and side_a["where"] == side_b["where"]
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
