@@ -19,7 +19,8 @@ from threadpoolctl import threadpool_limits
 
 from pipeline.config import ConfigError
 from pipeline.evaluation import baselines, page, report
-from pipeline.evaluation.embed import embed, embed_strings, encoder_dirs
+from pipeline.evaluation.embed import embed, embed_strings
+from pipeline.evaluation.encoders import encoder_dirs
 from pipeline.evaluators import knn, linear_probe, retrieval, zero_shot
 from pipeline.evaluators.base import Features
 
