@@ -31,7 +31,10 @@ CASES = {
     "data2vec": [("image",), ("text",), ("audio",)],
     "clip": [("image", "text"), ("audio", "text")],
     "classify": [("image",), ("text",), ("audio",)],
+    "joint": [("image",), ("text",), ("audio",)],
 }
+#: objectives comparing augmented views of each sample (their batches come with two)
+VIEWED = {"joint"}
 #: the starter source holding each combination of modalities
 SOURCE = {("image",): "fmnist", ("text",): "wordnet", ("audio",): "speech", ("image", "text"): "emoji",
           ("audio", "text"): "speech"}
@@ -42,13 +45,17 @@ def modality_cfgs(tokenizer: str) -> dict:
             "audio": AudioConfig(n_mels=32, clip_seconds=0.5)}
 
 
-def starter_batch(modalities: tuple[str, ...], tokenizer: str, n: int = 16) -> dict:
-    """The first ``n`` samples of a starter test split holding ``modalities``, collated."""
+def starter_batch(modalities: tuple[str, ...], tokenizer: str, n: int = 16, views: int = 1) -> dict:
+    """The first ``n`` samples of a starter test split holding ``modalities``, collated; with
+    ``views`` > 1 augmented, with that many views of each."""
     name = SOURCE[modalities]
     src = SourceConfig(shards=str(STARTER / name / "test"), modalities=list(modalities), label="cls")
-    loader = StreamingLoader({name: src}, LoaderConfig(batch_size=n, num_workers=0, augment=False),
-                             modality_cfgs(tokenizer), seed=0)
-    return next(iter(loader))
+    cfg = LoaderConfig(batch_size=n, num_workers=0, augment=views > 1, views=views)
+    return next(iter(StreamingLoader({name: src}, cfg, modality_cfgs(tokenizer), seed=0)))
+
+
+def batch_for(objective: str, modalities: tuple[str, ...], tokenizer: str, step: int = 0) -> dict:
+    return {**starter_batch(modalities, tokenizer, views=2 if objective in VIEWED else 1), "__step__": step}
 
 
 def settings(objective: str, modalities: tuple[str, ...]) -> dict:
@@ -56,6 +63,8 @@ def settings(objective: str, modalities: tuple[str, ...]) -> dict:
         return {"modalities": list(modalities)}
     if objective == "classify":  # every starter label id is below 1000
         return {"modality": modalities[0], "classes": list(range(1000))}
+    if objective == "joint":  # masking too: a short text's two windows are the same
+        return {"modality": modalities[0], "mask_ratio": 0.15}
     return {"modality": modalities[0]}
 
 
@@ -97,7 +106,7 @@ def test_every_registered_objective_is_covered():
 @pytest.mark.parametrize("objective, modalities", ALL, ids=[f"{o}-{'+'.join(m)}" for o, m in ALL])
 def test_contract(objective, modalities, starter_tokenizer):
     """Finite loss, a gradient for every trainable parameter, and the loss falls within 30 steps."""
-    batch = {**starter_batch(modalities, starter_tokenizer), "__step__": 0}
+    batch = batch_for(objective, modalities, starter_tokenizer)
     model = learner(objective, modalities, starter_tokenizer)
     out = model(batch)
     assert torch.isfinite(out["loss"]) and out["loss"].ndim == 0
@@ -123,7 +132,7 @@ def test_contract(objective, modalities, starter_tokenizer):
 def test_bf16_autocast_matches_fp32(objective, modalities, starter_tokenizer):
     """Under bf16 autocast (``mixed_precision: bf16``): the fp32 loss to bf16 precision, and fp32
     gradients pointing where the fp32 ones do, for every trainable parameter."""
-    batch = {**starter_batch(modalities, starter_tokenizer), "__step__": 0}
+    batch = batch_for(objective, modalities, starter_tokenizer)
     model = learner(objective, modalities, starter_tokenizer)
     ref = model(batch)["loss"]
     ref.backward()
@@ -195,10 +204,11 @@ def test_clip_loss_equals_open_clip(starter_tokenizer):
 
 
 @pytest.mark.parametrize("objective, modalities", [("clip", ("image", "text")), ("clip", ("audio", "text")),
-                                                   ("mae", ("image",)), ("data2vec", ("text",))])
+                                                   ("mae", ("image",)), ("data2vec", ("text",)),
+                                                   ("joint", ("image",)), ("joint", ("text",))])
 def test_accumulation_equals_one_big_batch(objective, modalities, starter_tokenizer):
-    """k micro-batches (CLIP: each contrasted with all k) give the big batch's loss and gradients."""
-    batch = {**starter_batch(modalities, starter_tokenizer), "__step__": 5}
+    """k micro-batches (CLIP, joint: each contrasted with all k) give the big batch's loss and gradients."""
+    batch = batch_for(objective, modalities, starter_tokenizer, step=5)
     model = learner(objective, modalities, starter_tokenizer)
     big = model(batch)["loss"]
     big.backward()

@@ -1,5 +1,5 @@
 """Two real processes (``accelerate launch``): the same loss and gradients as one process with the
-concatenated batch (CLIP contrasts across processes through gathered features), and the pretrain
+concatenated batch (CLIP and joint contrast across processes through gathered features), and the pretrain
 recipe running on two processes: one-process stages on process 0, the pretrain stage on both."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, launch_two, ranks_keys
-from test_objectives import learner, split, starter_batch
+from test_objectives import batch_for, learner, split, starter_batch
 
 CASES = {"clip-image-text": ("clip", ("image", "text")), "mae-image": ("mae", ("image",)),
-         "data2vec-audio": ("data2vec", ("audio",))}
+         "data2vec-audio": ("data2vec", ("audio",)), "joint-image": ("joint", ("image",))}
 
 
 def test_two_processes_match_one_process_with_the_whole_batch(starter_tokenizer, tmp_path):
-    batches = {case: (o, m, {**starter_batch(m, starter_tokenizer), "__step__": 2}) for case, (o, m) in CASES.items()}
+    batches = {case: (o, m, batch_for(o, m, starter_tokenizer, step=2)) for case, (o, m) in CASES.items()}
     torch.save(batches, tmp_path / "batches.pt")
     launch_two(str(REPO / "tests" / "_train_worker.py"), "--batches", str(tmp_path / "batches.pt"),
            "--tokenizer", starter_tokenizer, "--out", str(tmp_path / "two.pt"))

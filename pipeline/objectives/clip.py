@@ -5,11 +5,7 @@ normalized; the loss is ``open_clip.loss.ClipLoss`` with a learnable temperature
 clamped at ``max_logit_scale``), features gathered across processes with gradient, so every
 process contrasts against the global batch.
 
-Gradient accumulation keeps the whole accumulated batch as negatives. ``begin_step`` embeds every
-micro-batch of the step without gradient; micro-batch i then recomputes its own features with
-gradient and the loss runs over the cached features of all the others plus these. Summed over the
-micro-batches this gives exactly the gradient of one big batch (each sample's features get their
-gradient in the one pass where they are live), at the cost of one extra forward without gradient.
+Gradient accumulation keeps the whole accumulated batch as negatives (``_contrast.StepFeatures``).
 """
 
 from __future__ import annotations
@@ -21,6 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
+from pipeline.objectives._contrast import StepFeatures, k_fold, world
 from pipeline.objectives.base import Objective as Base
 from pipeline.objectives.base import ObjectiveConfig
 
@@ -57,38 +54,23 @@ class Objective(Base):
             nn.init.normal_(p.weight, std=p.in_features ** -0.5)
         # shape [1], not a scalar: FSDP shards only parameters with at least one dimension
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.init_temperature)))
-        self._cache: dict[tuple, dict[str, torch.Tensor]] = {}  # micro-batch keys → features without grad
-        self._order: list[tuple] = []
+        self._step = StepFeatures()
 
     def features(self, batch: dict, m: str) -> torch.Tensor:
         """[B, E] L2-normalized projection of the pooled embedding of modality ``m``."""
         return F.normalize(self.proj[m](self.encoders[m].embed(batch[m])).float(), dim=-1)
 
     def begin_step(self, micro_batches: list[dict]) -> None:
-        self._cache, self._order = {}, []
-        if len(micro_batches) > 1:
-            for mb in micro_batches:
-                key = _batch_id(mb)
-                self._order.append(key)
-                self._cache[key] = {m: self.features(mb, m) for m in self.modalities}
+        self._step.begin(micro_batches, lambda mb: {m: self.features(mb, m) for m in self.modalities})
 
     def forward(self, batch: dict) -> dict:
         a, b = self.modalities
         live = {m: self.features(batch, m) for m in self.modalities}
         scale = self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale).squeeze(0)
-        key, k = _batch_id(batch), len(self._order)
-        if key in self._cache:
-            i = self._order.index(key)
-            feats = {m: torch.cat([self._cache[o][m] if o != key else live[m] for o in self._order]) for m in live}
-            if i < k - 1:  # the scale's gradient is the big batch's once, not once per micro-batch; it
-                scale = scale.detach()  # flows in the last one, the pass in which DDP synchronizes
-        else:
-            feats, k = live, 1
-        loss = self.loss(feats[a], feats[b], scale)
-        if k > 1:
-            # the trainer averages micro-batch losses; the live features' share of the big batch's
-            # gradient is k times that average's: same value, k-fold gradient
-            loss = k * loss - (k - 1) * loss.detach()
+        feats, k, _, last = self._step.whole(batch, live)
+        if not last:  # the scale's gradient is the big batch's once, not once per micro-batch; it
+            scale = scale.detach()  # flows in the last one, the pass in which DDP synchronizes
+        loss = k_fold(self.loss(feats[a], feats[b], scale), k)
         with torch.no_grad():
             hits = (live[a] @ live[b].T).argmax(-1) == torch.arange(len(live[a]), device=live[a].device)
         return {"loss": loss, "logit_scale": scale.detach(), "accuracy": hits.float().mean(),
@@ -98,17 +80,5 @@ class Objective(Base):
         """open_clip's ClipLoss over this process's rows and, with several processes, everyone's."""
         from open_clip.loss import ClipLoss
 
-        rank, world = _world()
-        return ClipLoss(local_loss=self.cfg.local_loss, gather_with_grad=True, rank=rank, world_size=world)(fa, fb, scale)
-
-
-def _batch_id(batch: dict) -> tuple:
-    return batch.get("__source__"), tuple(batch["__key__"])
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        rank, size = world()
+        return ClipLoss(local_loss=self.cfg.local_loss, gather_with_grad=True, rank=rank, world_size=size)(fa, fb, scale)
