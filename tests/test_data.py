@@ -112,6 +112,51 @@ def test_augmentation_does_not_depend_on_workers_or_processes(shards):
     assert any(not torch.equal(one[k], plain[k]) for k in one)  # augmentation is really applied
 
 
+def test_views_are_a_function_of_the_sample_and_view_only(shards):
+    """Extra views (``views: 3``): view 0 is what one view gives, the others differ from it and from
+    each other, and every view is the same whatever the number of processes and workers."""
+    def views(batches) -> dict[str, list[torch.Tensor]]:
+        return {k: [b["image"][i], *(b["__views__"]["image"][v][i] for v in ("1", "2"))]
+                for b in batches for i, k in enumerate(b["__key__"])}
+
+    three = views(loader(shards, views=3))
+    one = dict(flat(loader(shards)))
+    split = {}
+    for rank in range(2):
+        split.update(views(loader(shards, rank, 2, num_workers=2, views=3)))
+    assert three.keys() == one.keys() == split.keys()
+    for k, (v0, v1, v2) in three.items():
+        assert torch.equal(v0, one[k]) and all(torch.equal(a, b) for a, b in zip(three[k], split[k]))
+    assert all(not torch.equal(v[0], v[1]) and not torch.equal(v[1], v[2]) for v in three.values())
+    assert "__views__" not in next(iter(loader(shards, views=3, augment=False)))  # evaluation: one view
+
+
+def _part(shards: Path, **split) -> list[str]:
+    src = SourceConfig(shards=str(shards), modalities=["image"], label="cls", **split)
+    return [k for b in StreamingLoader({"s": src}, LoaderConfig(batch_size=5, num_workers=0, epochs=1), IMAGE)
+            for k in b["__key__"]]
+
+
+def test_a_held_out_split_is_disjoint_complete_and_by_group(tmp_path):
+    """``holdout``: the rest and the held-out part cover every sample once, the share is near the
+    setting, it does not depend on the shards; ``holdout_by``: a json field's groups stay whole."""
+    write_shards(list(range(200)), lambda i: {"__key__": f"s{i:05d}", "png": png(i), "cls": b"0",
+                                              "json": json.dumps({"speaker": f"v{i % 10}"}).encode()},
+                 tmp_path / "a", max_count=10, workers=1, progress=False)
+    write_shards(list(range(200)), lambda i: {"__key__": f"s{i:05d}", "png": png(i), "cls": b"0",
+                                              "json": json.dumps({"speaker": f"v{i % 10}"}).encode()},
+                 tmp_path / "b", max_count=70, workers=1, progress=False)
+    rest, held = _part(tmp_path / "a", holdout=0.25), _part(tmp_path / "a", holdout=0.25, part="holdout")
+    assert not set(rest) & set(held) and sorted(rest + held) == [f"s{i:05d}" for i in range(200)]
+    assert 0.15 < len(held) / 200 < 0.35
+    assert sorted(held) == sorted(_part(tmp_path / "b", holdout=0.25, part="holdout"))  # other shards, same split
+    voices = _part(tmp_path / "a", holdout=0.3, holdout_by="speaker", part="holdout")
+    speakers = {int(k[1:]) % 10 for k in voices}
+    assert speakers and len(voices) == 20 * len(speakers)  # every sample of a held-out voice, none of the others
+    with pytest.raises(SampleError, match="no json field 'voice'"):
+        _part(tmp_path / "a", holdout=0.3, holdout_by="voice")
+
+
 def test_mixture_follows_weights_and_is_the_same_on_every_rank(tmp_path):
     a = image_shards(tmp_path / "a", n=200, per_shard=20)
     b = image_shards(tmp_path / "b", n=200, per_shard=20)

@@ -57,6 +57,27 @@ class SourceConfig(Config):
     label: str | None = None
     #: relative sampling weight when several sources are mixed
     weight: float = Field(1.0, gt=0)
+    #: share of the samples held out (a validation split), chosen by a hash of each sample's key,
+    #: or of the ``holdout_by`` field of its ``json`` (``speaker``: whole voices held out); the
+    #: same samples whatever the shards, processes or seed
+    holdout: float = Field(0.0, ge=0, lt=1)
+    holdout_by: str | None = None
+    #: the part read: ``rest`` (training on what is not held out) or ``holdout`` (validating on it)
+    part: Literal["rest", "holdout"] = "rest"
+
+    def wanted(self, sample: dict) -> bool:
+        """Whether a raw shard sample belongs to the part this source reads."""
+        if not self.holdout:
+            return True
+        value = sample["__key__"]
+        if self.holdout_by is not None:
+            try:
+                value = json.loads(sample["json"])[self.holdout_by]
+            except (KeyError, TypeError, ValueError):
+                raise SampleError(f"sample {sample['__key__']!r}: no json field {self.holdout_by!r} "
+                                  f"(holdout_by)") from None
+        held = hash_int("holdout", str(value)) % 1_000_000 < self.holdout * 1_000_000
+        return held == (self.part == "holdout")
 
 
 class LoaderConfig(Config):
@@ -67,6 +88,10 @@ class LoaderConfig(Config):
     #: units read concurrently by one stream; more mixes shards better
     interleave: int = Field(4, ge=1)
     augment: bool = True
+    #: augmented views of each sample (joint-embedding objectives compare them); view 0 is
+    #: ``batch[<modality>]`` as with one view, views 1… are ``batch["__views__"][<modality>]["1"]``…,
+    #: each drawn from (seed, epoch, key, view). Needs ``augment``.
+    views: int = Field(1, ge=1)
     drop_last: bool = False
     on_error: Literal["raise", "skip"] = "raise"
     #: directory receiving one jsonl per process listing every consumed sample (audits, tests)
@@ -86,9 +111,9 @@ class SampleError(RuntimeError):
 class _SourceReader:
     """The sample sequence of one source within one stream; advances ``cursor`` as it reads."""
 
-    def __init__(self, name: str, shards: ShardSet, cursor: SourceCursor, plan, stream: int, cfg: LoaderConfig,
-                 seed: int, exts: frozenset[str] | None = None):
-        self.name, self.shards, self.cursor, self.plan = name, shards, cursor, plan
+    def __init__(self, name: str, src: SourceConfig, shards: ShardSet, cursor: SourceCursor, plan, stream: int,
+                 cfg: LoaderConfig, seed: int, exts: frozenset[str] | None = None):
+        self.name, self.src, self.shards, self.cursor, self.plan = name, src, shards, cursor, plan
         self.stream, self.cfg, self.seed, self.exts = stream, cfg, seed, exts
         self._open: dict[tuple, Iterator] = {}
         #: (samples, reason) skipped since the last batch, reported with it
@@ -124,7 +149,16 @@ class _SourceReader:
             if unit.start >= unit.stop:
                 seg.units.pop(j)
                 self._open.pop((seg.epoch, unit.shard, unit.stop), None)
-            return seg.epoch, self.shards.shards[unit.shard].path, sample
+            path = self.shards.shards[unit.shard].path
+            try:
+                if not self.src.wanted(sample):  # the other part of a held-out split: not read
+                    continue
+            except SampleError as e:
+                if self.cfg.on_error == "raise":
+                    raise SampleError(f"{path}: {e}") from None
+                self.skips.append((1, f"{path}: {e}"))
+                continue
+            return seg.epoch, path, sample
 
     def _read(self, epoch: int, unit: Unit) -> dict:
         key = (epoch, unit.shard, unit.stop)
@@ -158,7 +192,7 @@ class StreamingDataset(IterableDataset):
         state = ld.position.streams[stream].clone()
         mods = {m: registry.modality(m)(ld.modality_cfgs.get(m)) for src in ld.sources.values() for m in src.modalities}
         readers = {
-            name: _SourceReader(name, ld.shardsets[name], state.sources[name], ld.planner(name), stream, ld.cfg,
+            name: _SourceReader(name, src, ld.shardsets[name], state.sources[name], ld.planner(name), stream, ld.cfg,
                                 ld.seed, needed_extensions(src, mods))
             for name, src in ld.sources.items()
         }
@@ -189,7 +223,8 @@ class StreamingDataset(IterableDataset):
     def _prepare(self, name: str, mods: dict, epoch: int, path: str, sample: dict, skips: list) -> dict | None:
         src, ld = self.loader.sources[name], self.loader
         try:
-            return prepare_sample(sample, src, mods, ld.seed, epoch if ld.cfg.augment else None, path)
+            return prepare_sample(sample, src, mods, ld.seed, epoch if ld.cfg.augment else None, path,
+                                  ld.cfg.views if ld.cfg.augment else 1)
         except SampleError as e:
             if ld.cfg.on_error == "raise":
                 raise
@@ -198,6 +233,9 @@ class StreamingDataset(IterableDataset):
 
     def _collate(self, name: str, mods: dict, items: list[dict]) -> dict:
         batch: dict[str, Any] = {m: mods[m].collate([it[m] for it in items]) for m in self.loader.sources[name].modalities}
+        if "__views__" in items[0]:
+            batch["__views__"] = {m: {str(v + 1): mods[m].collate([it["__views__"][m][v] for it in items])
+                                      for v in range(len(items[0]["__views__"][m]))} for m in items[0]["__views__"]}
         if self.loader.sources[name].label:
             batch["cls"] = torch.tensor([it["cls"] for it in items], dtype=torch.long)
         batch["__key__"] = [it["__key__"] for it in items]
@@ -219,6 +257,8 @@ def needed_extensions(src: SourceConfig, mods: dict) -> frozenset[str] | None:
     """Shard keys ``prepare_sample`` may read for ``src``: the others need not be read at all.
     None (read everything) when a modality chooses its key by other means than its extensions."""
     exts = {src.label} if src.label else set()
+    if src.holdout and src.holdout_by:
+        exts.add("json")
     for m in src.modalities:
         if type(mods[m]).pick is not Modality.pick:
             return None
@@ -226,8 +266,10 @@ def needed_extensions(src: SourceConfig, mods: dict) -> frozenset[str] | None:
     return frozenset(exts)
 
 
-def prepare_sample(sample: dict, src: SourceConfig, mods: dict, seed: int, epoch: int | None, path: str) -> dict:
-    """Raw shard sample → per-sample tensors for every modality of ``src`` (+ label).
+def prepare_sample(sample: dict, src: SourceConfig, mods: dict, seed: int, epoch: int | None, path: str,
+                   views: int = 1) -> dict:
+    """Raw shard sample → per-sample tensors for every modality of ``src`` (+ label), and with
+    ``views`` > 1 the extra views under ``"__views__"`` as ``{modality: [view 1, …]}``, decoded once.
     ``epoch=None`` means no augmentation. Raises ``SampleError`` naming shard, key and cause."""
     key = sample["__key__"]
     rng_key = f"{shard_name(path)}:{key}"
@@ -239,8 +281,12 @@ def prepare_sample(sample: dict, src: SourceConfig, mods: dict, seed: int, epoch
             have = ", ".join(k for k in sample if not k.startswith("__")) or "nothing"
             raise SampleError(f"{path}: sample {key!r}: no {m} (looked for {', '.join(mod.extensions)}; has {have})")
         try:
+            item = mod.decode(sample[ext], ext)
             rng = sample_rng(seed, epoch, f"{m}:{rng_key}") if epoch is not None else None
-            out[m] = mod.transform(mod.decode(sample[ext], ext), rng)
+            out[m] = mod.transform(item, rng)
+            if views > 1:  # view 0 keeps the one-view seed: a run with more views sees the same view 0
+                out.setdefault("__views__", {})[m] = [mod.transform(item, sample_rng(seed, epoch, f"{m}:{rng_key}:{v}"))
+                                                      for v in range(1, views)]
         except ValueError as e:
             raise SampleError(f"{path}: sample {key!r}: {e}") from None
     if src.label:
