@@ -74,7 +74,7 @@ def test_image_processor_reproduces_eval_preprocessing(tmp_path, starter_tokeniz
 
 
 def test_dual_encoder_equals_clip_features(tmp_path, starter_tokenizer, batches):
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoTokenizer
 
     from pipeline.export import dual_encoder
     from pipeline.objectives import clip
@@ -88,6 +88,7 @@ def test_dual_encoder_equals_clip_features(tmp_path, starter_tokenizer, batches)
     diffs = dual_encoder.parity(obj, model.eval(), batches["emoji"])
     assert max(diffs.values()) <= 1e-5, diffs
     json.dumps(diffs)
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "clip")).model_max_length == 16  # cut where training cut
 
 
 def _unet(cross: int):
