@@ -203,6 +203,8 @@ def test_export_stage_writes_every_piece_with_parity(tmp_path, starter_tokenizer
 
 
 def test_open_clip_model_equals_clip_features(tmp_path, starter_tokenizer, batches):
+    import open_clip
+
     from pipeline.export import open_clip_model
     from pipeline.export.transformers_models import export_encoder
     from pipeline.objectives import clip
@@ -215,6 +217,22 @@ def test_open_clip_model_equals_clip_features(tmp_path, starter_tokenizer, batch
     model, _ = open_clip_model.load(cfg_file, weights, None)
     diffs = open_clip_model.parity(obj, model, batches["emoji"])
     assert max(diffs.values()) <= 1e-5, diffs
+    assert _open_clip_text_diff(obj, tmod, model, open_clip.get_tokenizer("open_clip_config")) <= 1e-5
+
+
+#: longer than the 16 tokens the text tower trains on
+LONG = "a grinning face with big eyes beside a red apple on a wooden table under the light of a sunny morning"
+
+
+@torch.no_grad()
+def _open_clip_text_diff(obj, tmod, model, tokenizer) -> float:
+    """Max abs difference of raw texts' features through open_clip's own tokenizer vs the pipeline's."""
+    import torch.nn.functional as F
+
+    texts = ["a red apple", LONG]
+    assert len(tmod.transform(LONG, None)) == tmod.cfg.max_length  # cut by the pipeline
+    ours = obj.features({"text": tmod.collate([tmod.transform(t, None) for t in texts])}, "text")
+    return (F.normalize(model.encode_text(tokenizer(texts)), dim=-1) - ours).abs().max().item()
 
 
 def test_mean_pooled_image_text_clip_falls_back_to_the_stage_layout(tmp_path, starter_tokenizer):

@@ -18,7 +18,13 @@ import torch
 
 
 def model_config(objective, text_dir: Path) -> dict:
+    """The open_clip model config. ``context_length`` is the length the text tower trained on (its
+    ``selfsup.json``): open_clip's tokenizer truncates there, as the pipeline does, where the
+    tokenizer's own limit (512) would keep tokens the pipeline's features never saw."""
+    from pipeline.encoders.saved import SETTINGS
+
     vit = objective.encoders["image"].model.config
+    trained = json.loads((Path(text_dir) / SETTINGS).read_text())["modality_settings"]["max_length"]
     return {"embed_dim": objective.proj["image"].weight.shape[0],
             "vision_cfg": {"image_size": vit.image_size[0] if isinstance(vit.image_size, list) else vit.image_size,
                            "patch_size": vit.patch_size, "layers": vit.num_hidden_layers, "width": vit.hidden_size,
@@ -27,8 +33,7 @@ def model_config(objective, text_dir: Path) -> dict:
                            "norm_kwargs": {"eps": vit.layer_norm_eps}},
             "text_cfg": {"hf_model_name": str(Path(text_dir).resolve()), "hf_tokenizer_name": str(Path(text_dir).resolve()),
                          "hf_proj_type": "linear", "hf_pooler_type": "cls_last_hidden_state_pooler",
-                         "context_length": objective.encoders["text"].tokenizer.model_max_length
-                         if objective.encoders["text"].tokenizer.model_max_length < 10_000 else 512},
+                         "context_length": trained},
             "custom_text": True}
 
 
