@@ -146,8 +146,8 @@ def _open_clip(objective, text_modality, target: Path, batch: dict) -> dict[str,
     from pipeline.export.transformers_models import export_encoder
 
     text_dir = export_encoder(objective.encoders["text"], text_modality, target / "open_clip_text")
-    cfg_file, weights = open_clip_model.export(objective, target, text_dir, target.name)
-    model, _ = open_clip_model.load(cfg_file, weights, None)
+    open_clip_model.export(objective, target, text_dir)
+    model, _ = open_clip_model.load(target)
     return {f"open_clip_{m}": v for m, v in open_clip_model.parity(objective, model, batch).items()}
 
 
@@ -179,16 +179,19 @@ text_features = model.get_text_features(**AutoTokenizer.from_pretrained(DIR)(tex
 Both towers pool the [CLS] state (trained with `pooling: cls`); their stock poolers pass it through.
 
 The same model for open_clip (its own ViT tower; the Hugging Face text tower reads its config and
-tokenizer from `open_clip_text/`, named by absolute path in the JSON: edit `hf_model_name` and
-`hf_tokenizer_name` after moving the directory):
+tokenizer from `open_clip_text/`, which `open_clip_config.json` names relative to DIR, so DIR may be
+moved or copied). open_clip resolves that path against the working directory, so from inside DIR:
 
 ```python
 import open_clip
-open_clip.add_model_config("DIR/open_clip_config.json")
-model, _, preprocess = open_clip.create_model_and_transforms("open_clip_config", pretrained="DIR/open_clip_model.safetensors")
+open_clip.add_model_config("open_clip_config.json")
+model, _, preprocess = open_clip.create_model_and_transforms("open_clip_config", pretrained="open_clip_model.safetensors")
 tokenizer = open_clip.get_tokenizer("open_clip_config")
 features = model.encode_image(pixels, normalize=True), model.encode_text(tokenizer(texts), normalize=True)
 ```
+From anywhere else, with the pipeline installed, `name = pipeline.export.open_clip_model.register(DIR)`
+registers it with the path resolved; then `create_model_and_transforms(name,
+pretrained="DIR/open_clip_model.safetensors")` and `get_tokenizer(name)` as above.
 """
 
 STAGE_CLIP_USAGE = """A CLIP pair in the stage layout: `encoders/<modality>/` (stock transformers towers) and

@@ -213,8 +213,8 @@ def test_open_clip_model_equals_clip_features(tmp_path, starter_tokenizer, batch
     (_, ienc), (tmod, tenc) = _encoder("image", m["image"]), _encoder("text", m["text"])
     obj = clip.Objective(clip.Config(), {"image": ienc, "text": tenc}).eval()
     export_encoder(tenc, tmod, tmp_path / "text")
-    cfg_file, weights = open_clip_model.export(obj, tmp_path / "clip", tmp_path / "text", "x")
-    model, _ = open_clip_model.load(cfg_file, weights, None)
+    open_clip_model.export(obj, tmp_path / "clip", tmp_path / "text")
+    model, _ = open_clip_model.load(tmp_path / "clip")
     diffs = open_clip_model.parity(obj, model, batches["emoji"])
     assert max(diffs.values()) <= 1e-5, diffs
     assert _open_clip_text_diff(obj, tmod, model, open_clip.get_tokenizer("open_clip_config")) <= 1e-5
@@ -246,3 +246,42 @@ def test_mean_pooled_image_text_clip_falls_back_to_the_stage_layout(tmp_path, st
     export.run(cfg, Context(out_dir=tmp_path / "export", progress=False))
     parity = json.loads((tmp_path / "export" / "parity.json").read_text())["max_abs_diff"]["clip_mean"]
     assert max(parity.values()) <= 1e-5 and (tmp_path / "export" / "clip_mean" / "heads" / "clip").is_dir()
+
+
+def test_open_clip_export_loads_after_the_directory_moves(tmp_path, starter_tokenizer, batches, monkeypatch):
+    """The open_clip config names its text tower relative to itself: moved elsewhere, the export
+    loads through ``register`` from anywhere, and through plain open_clip from inside the directory,
+    with the features it had where it was written."""
+    import shutil
+
+    import open_clip
+
+    from pipeline.data.loader import SourceConfig
+    from pipeline.export import open_clip_model
+    from pipeline.stage import Context
+    from stages import export
+
+    a = _stage(tmp_path, "clip_image_text", ["image", "text"], starter_tokenizer)
+    export.run(export.Config(stages=[str(a)], data=[SourceConfig(shards=str(STARTER / "emoji" / "test"),
+                                                                 modalities=["image", "text"])]),
+               Context(out_dir=tmp_path / "export", progress=False))
+
+    @torch.no_grad()
+    def features(name: str, weights) -> tuple[torch.Tensor, torch.Tensor]:
+        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=str(weights))
+        tokens = open_clip.get_tokenizer(name)(["a red apple", LONG])
+        return model.eval().encode_image(batches["emoji"]["image"], normalize=True), model.encode_text(tokens, normalize=True)
+
+    here = tmp_path / "export" / "clip_image_text"
+    before = features(open_clip_model.register(here), here / "open_clip_model.safetensors")
+    (tmp_path / "elsewhere").mkdir()
+    moved = shutil.move(here, tmp_path / "elsewhere" / "clip")
+    shutil.rmtree(tmp_path / "export")
+    text_cfg = json.loads((moved / "open_clip_config.json").read_text())["text_cfg"]
+    assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == "open_clip_text"
+    after = features(open_clip_model.register(moved), moved / "open_clip_model.safetensors")
+    monkeypatch.chdir(moved)
+    open_clip.add_model_config("open_clip_config.json")
+    plain = features("open_clip_config", "open_clip_model.safetensors")
+    for got in (after, plain):
+        assert max((b - g).abs().max().item() for b, g in zip(before, got)) <= 1e-5
