@@ -174,9 +174,10 @@ DUAL_USAGE = """A stock `VisionTextDualEncoderModel` (ViT + BERT towers, project
 from transformers import AutoModel, AutoTokenizer, AutoImageProcessor
 model = AutoModel.from_pretrained(DIR)
 image_features = model.get_image_features(**AutoImageProcessor.from_pretrained(DIR)(images, return_tensors="pt")).pooler_output
-text_features = model.get_text_features(**AutoTokenizer.from_pretrained(DIR)(texts, padding=True, return_tensors="pt")).pooler_output
+text_features = model.get_text_features(**AutoTokenizer.from_pretrained(DIR)(texts, padding=True, truncation=True, return_tensors="pt")).pooler_output
 ```
 Both towers pool the [CLS] state (trained with `pooling: cls`); their stock poolers pass it through.
+The tokenizer's `model_max_length` is the trained text length, where `truncation=True` cuts.
 
 The same model for open_clip (its own ViT tower; the Hugging Face text tower reads its config and
 tokenizer from `open_clip_text/`, which `open_clip_config.json` names relative to DIR, so DIR may be

@@ -3,7 +3,8 @@
     selfsup index --encoders CLIP_DIR --data SHARDS[,SHARDS…] --out INDEX [--batch-size 64]
 
 ``CLIP_DIR`` is a CLIP pretrain stage directory (``encoders/`` + ``heads/clip*/``), an exported
-stage-layout CLIP directory, or an exported stock ``VisionTextDualEncoderModel``. Every modality of
+stage-layout CLIP directory, or an exported stock ``VisionTextDualEncoderModel`` (its saved image
+processor and tokenizer prepare the shards, as they do ``retrieve``'s queries). Every modality of
 the pair present in the shards gets a matrix of L2-normalized joint-space embeddings, the sample
 keys and where each sample lives (shard, position), so hits can be shown
 (``pipeline.retrieval.index``). The index records the CLIP directory, so retrieval loads the same
