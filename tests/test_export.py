@@ -53,6 +53,15 @@ def test_automodel_reload_has_every_weight_and_parity(tmp_path, starter_tokenize
     assert hidden_parity(again, model, batches[source][name]) <= 1e-5
 
 
+def _emoji_pngs(n: int = 8) -> list[bytes]:
+    """The first ``n`` PNG files of the emoji test shards (32×32 RGB)."""
+    import tarfile
+
+    tar = min((STARTER / "emoji" / "test").glob("*.tar*"))
+    with tarfile.open(tar) as t:
+        return [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".png")][:n]
+
+
 def test_image_processor_reproduces_eval_preprocessing(tmp_path, starter_tokenizer):
     from PIL import Image
     from transformers import AutoImageProcessor
@@ -63,10 +72,7 @@ def test_image_processor_reproduces_eval_preprocessing(tmp_path, starter_tokeniz
     image_processor(mod).save_pretrained(str(tmp_path))
     proc = AutoImageProcessor.from_pretrained(str(tmp_path))
     import io
-    import tarfile
-    tar = min((STARTER / "emoji" / "test").glob("*.tar*"))
-    with tarfile.open(tar) as t:
-        pngs = [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".png")][:8]
+    pngs = _emoji_pngs()
     imgs = [mod.decode(p, "png") for p in pngs]
     ours = mod.collate([mod.transform(i, None) for i in imgs])
     theirs = proc(images=[Image.open(io.BytesIO(p)).convert("RGB") for p in pngs], return_tensors="pt")["pixel_values"]
@@ -206,18 +212,73 @@ def test_open_clip_model_equals_clip_features(tmp_path, starter_tokenizer, batch
     import open_clip
 
     from pipeline.export import open_clip_model
-    from pipeline.export.transformers_models import export_encoder
-    from pipeline.objectives import clip
 
-    m = _mods(starter_tokenizer)
-    (_, ienc), (tmod, tenc) = _encoder("image", m["image"]), _encoder("text", m["text"])
-    obj = clip.Objective(clip.Config(), {"image": ienc, "text": tenc}).eval()
-    export_encoder(tenc, tmod, tmp_path / "text")
-    open_clip_model.export(obj, tmp_path / "clip", tmp_path / "text")
+    obj, _, tmod = _open_clip_export(tmp_path, starter_tokenizer)
     model, _ = open_clip_model.load(tmp_path / "clip")
     diffs = open_clip_model.parity(obj, model, batches["emoji"])
     assert max(diffs.values()) <= 1e-5, diffs
     assert _open_clip_text_diff(obj, tmod, model, open_clip.get_tokenizer("open_clip_config")) <= 1e-5
+
+
+def _open_clip_export(tmp_path, starter_tokenizer):
+    """(CLIP objective of tiny towers, image modality, text modality), the objective exported for
+    open_clip to ``tmp_path/clip`` with its text tower in ``tmp_path/text``."""
+    from pipeline.export import open_clip_model
+    from pipeline.export.transformers_models import export_encoder
+    from pipeline.objectives import clip
+
+    m = _mods(starter_tokenizer)
+    (imod, ienc), (tmod, tenc) = _encoder("image", m["image"]), _encoder("text", m["text"])
+    obj = clip.Objective(clip.Config(), {"image": ienc, "text": tenc}).eval()
+    export_encoder(tenc, tmod, tmp_path / "text")
+    open_clip_model.export(obj, tmp_path / "clip", tmp_path / "text", imod)
+    return obj, imod, tmod
+
+
+def _padded(png: bytes, left: int, right: int, top: int, bottom: int):
+    """The image of ``png`` on a larger black canvas: a non-square image whose crop shows the border."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    out = Image.new("RGB", (img.width + left + right, img.height + top + bottom))
+    out.paste(img, (left, top))
+    return out
+
+
+@torch.no_grad()
+def test_open_clip_preprocess_reproduces_eval_preprocessing(tmp_path, starter_tokenizer, monkeypatch):
+    """open_clip's own eval ``preprocess`` of PIL images (plain open_clip inside the export, and
+    ``load`` from anywhere) is the pipeline's eval transform, and the features of its pixels are the
+    pipeline's CLIP features. Equal on square images and on non-square ones whose center crop falls
+    on whole pixels of the resized image (32×32 → 16×16; 44×32 → 22×16, crop from x = 3); elsewhere
+    open_clip crops after resizing at a rounded offset, a sub-pixel shift, bounded here as measured."""
+    import open_clip
+    import torch.nn.functional as F
+
+    from pipeline.export import open_clip_model
+
+    obj, imod, _ = _open_clip_export(tmp_path, starter_tokenizer)
+    model, preprocess = open_clip_model.load(tmp_path / "clip")
+    monkeypatch.chdir(tmp_path / "clip")
+    _, _, plain = open_clip.create_model_and_transforms("local-dir:.")
+    pngs = _emoji_pngs()
+
+    def both(pads):
+        imgs = [_padded(p, *pads) for p in pngs]
+        ours = imod.collate([imod.transform(imod.decode(imod.encode(i)[1], "png"), None) for i in imgs])
+        return ours, [torch.stack([pre(i) for i in imgs]) for pre in (preprocess, plain)]
+
+    for pads in [(0, 0, 0, 0), (4, 8, 0, 0), (0, 0, 6, 6)]:  # 32×32, 44×32, 32×44
+        ours, theirs = both(pads)
+        for pixels in theirs:
+            assert pixels.shape == ours.shape and (pixels - ours).abs().max().item() <= 1e-6, pads
+        features = F.normalize(model.encode_image(theirs[1]), dim=-1)
+        assert (features - obj.features({"image": ours}, "image")).abs().max().item() <= 1e-5, pads
+    for pads in [(5, 5, 0, 0), (3, 0, 0, 0), (0, 0, 0, 13)]:  # 42×32, 35×32, 32×45: the grid shifts
+        ours, theirs = both(pads)  # mean |difference| 0.12, 0.15, 0.03 of the [-1, 1] range; max 1.1
+        assert all((pixels - ours).abs().mean().item() <= 0.2 for pixels in theirs), pads
 
 
 #: longer than the 16 tokens the text tower trains on
@@ -250,8 +311,8 @@ def test_mean_pooled_image_text_clip_falls_back_to_the_stage_layout(tmp_path, st
 
 def test_open_clip_export_loads_after_the_directory_moves(tmp_path, starter_tokenizer, batches, monkeypatch):
     """The open_clip config names its text tower relative to itself: moved elsewhere, the export
-    loads through ``register`` from anywhere, and through plain open_clip from inside the directory,
-    with the features it had where it was written."""
+    loads through ``register`` from anywhere, and through plain open_clip from inside the directory
+    (``local-dir:.``), with the features it had where it was written."""
     import shutil
 
     import open_clip
@@ -267,21 +328,19 @@ def test_open_clip_export_loads_after_the_directory_moves(tmp_path, starter_toke
                Context(out_dir=tmp_path / "export", progress=False))
 
     @torch.no_grad()
-    def features(name: str, weights) -> tuple[torch.Tensor, torch.Tensor]:
-        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=str(weights))
-        tokens = open_clip.get_tokenizer(name)(["a red apple", LONG])
+    def features(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = tokenizer(["a red apple", LONG])
         return model.eval().encode_image(batches["emoji"]["image"], normalize=True), model.encode_text(tokens, normalize=True)
 
     here = tmp_path / "export" / "clip_image_text"
-    before = features(open_clip_model.register(here), here / "open_clip_model.safetensors")
+    before = features(open_clip_model.load(here)[0], open_clip.get_tokenizer(open_clip_model.register(here)))
     (tmp_path / "elsewhere").mkdir()
     moved = shutil.move(here, tmp_path / "elsewhere" / "clip")
     shutil.rmtree(tmp_path / "export")
-    text_cfg = json.loads((moved / "open_clip_config.json").read_text())["text_cfg"]
+    text_cfg = json.loads((moved / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
     assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == "open_clip_text"
-    after = features(open_clip_model.register(moved), moved / "open_clip_model.safetensors")
+    after = features(open_clip_model.load(moved)[0], open_clip.get_tokenizer(f"local-dir:{moved}"))
     monkeypatch.chdir(moved)
-    open_clip.add_model_config("open_clip_config.json")
-    plain = features("open_clip_config", "open_clip_model.safetensors")
+    plain = features(open_clip.create_model_and_transforms("local-dir:.")[0], open_clip.get_tokenizer("local-dir:."))
     for got in (after, plain):
         assert max((b - g).abs().max().item() for b, g in zip(before, got)) <= 1e-5

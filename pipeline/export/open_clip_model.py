@@ -1,11 +1,25 @@
-"""An image–text CLIP stage as an open_clip model: a model config JSON (open_clip's own
+"""An image–text CLIP stage as an open_clip model: ``open_clip_config.json`` in the layout open_clip
+reads from a model directory (``local-dir:``, ``hf-hub:``): ``model_cfg`` (open_clip's own
 ``VisionTransformer`` for the image tower, its Hugging Face text tower pointing at the exported
-text directory) plus converted weights in safetensors.
+text directory) and ``preprocess_cfg`` (the pipeline's eval preprocessing), plus converted weights
+in safetensors.
 
 The config names the text directory relative to itself, so the export may be moved or copied.
 open_clip hands ``hf_model_name`` to transformers as it is, where a relative path resolves against
-the working directory: plain open_clip loads the export from inside it, and ``register`` loads it
-from anywhere by resolving the path first.
+the working directory: plain open_clip loads the export from inside it (``local-dir:.``), and
+``load`` loads it from anywhere by resolving the path first (``register``).
+
+open_clip reads ``preprocess_cfg`` only for a ``local-dir:`` or ``hf-hub:`` name. A name registered
+by ``add_model_config`` gets open_clip's defaults (OpenAI's mean and std, bicubic) whatever its file
+says (every model config key goes to the model's constructor, which refuses any other), so ``load``
+passes the settings to ``create_model_and_transforms`` itself.
+
+The eval preprocessing: open_clip's ``resize_mode: shortest`` resizes the short side to ``size``
+(bilinear, PIL's resampling as the pipeline's) and then crops the center, where the pipeline crops
+the center square and then resizes it. On square images, and on others whose center crop falls on
+whole pixels of the resized image, the two are equal; otherwise open_clip's crop sits on a rounded
+pixel offset of a resized image whose long side is truncated to whole pixels, a shift of the
+sampling grid by under one resized pixel (``tests/test_export.py`` measures both).
 
 open_clip's ViT maps exactly onto transformers' ViT: pre-norm blocks with exact GELU (``norm_kwargs``
 carries our LayerNorm eps), no ``ln_pre``, ``ln_post`` then the class token (``pool_type: tok``)
@@ -27,6 +41,13 @@ import torch
 CONFIG, WEIGHTS = "open_clip_config.json", "open_clip_model.safetensors"
 #: the ``text_cfg`` entries naming the text directory, relative to the config's directory
 TEXT_PATHS = ("hf_model_name", "hf_tokenizer_name")
+
+
+def preprocess_config(image_modality) -> dict:
+    """open_clip's ``preprocess_cfg`` of the pipeline's eval preprocessing of ``image_modality``."""
+    c = image_modality.cfg
+    return {"size": c.size, "mode": "RGB", "mean": c.mean or [0.5] * c.channels, "std": c.std or [0.5] * c.channels,
+            "interpolation": "bilinear", "resize_mode": "shortest"}
 
 
 def model_config(objective, text_dir: Path, out: Path) -> dict:
@@ -76,27 +97,29 @@ def state_dict(objective) -> dict[str, torch.Tensor]:
     return out
 
 
-def export(objective, out: Path, text_dir: Path) -> tuple[Path, Path]:
+def export(objective, out: Path, text_dir: Path, image_modality) -> tuple[Path, Path]:
     """``out/open_clip_config.json`` and ``out/open_clip_model.safetensors``."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     cfg_file, weights = out / CONFIG, out / WEIGHTS
-    cfg_file.write_text(json.dumps(model_config(objective, text_dir, out), indent=1) + "\n")
+    cfg = {"model_cfg": model_config(objective, text_dir, out), "preprocess_cfg": preprocess_config(image_modality)}
+    cfg_file.write_text(json.dumps(cfg, indent=1) + "\n")
     save_file({k: t.contiguous() for k, t in state_dict(objective).items()}, str(weights))
     return cfg_file, weights
 
 
 def register(export_dir: str | Path, name: str = "open_clip_config") -> str:
     """Make the open_clip model of ``export_dir`` known to open_clip as ``name`` (for
-    ``create_model_and_transforms`` and ``get_tokenizer``), its text directory resolved against
-    ``export_dir`` wherever that now lies; returns ``name``. open_clip reads model configs from
-    files only, so the resolved config passes through a temporary ``<name>.json``; it is read at
-    once and stays registered after the file is gone."""
+    ``create_model`` and ``get_tokenizer``), its text directory resolved against ``export_dir``
+    wherever that now lies; returns ``name``. open_clip reads model configs from files only, so the
+    resolved config passes through a temporary ``<name>.json``; it is read at once and stays
+    registered after the file is gone. The name carries no preprocessing: ``load`` adds it."""
     import open_clip
 
     cfg_file = Path(export_dir) / CONFIG
     cfg = json.loads(cfg_file.read_text())
+    cfg = cfg.get("model_cfg", cfg)  # a flat model config (an earlier export) as it is
     for key in TEXT_PATHS:
         cfg["text_cfg"][key] = str((cfg_file.parent / cfg["text_cfg"][key]).resolve())
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,11 +130,16 @@ def register(export_dir: str | Path, name: str = "open_clip_config") -> str:
 
 
 def load(export_dir: str | Path):
-    """(open_clip model in eval mode, its preprocess) of ``export_dir``, through ``register``."""
+    """(open_clip model in eval mode, its eval preprocess) of ``export_dir`` from anywhere, through
+    ``register`` and the config's ``preprocess_cfg``: what ``create_model_and_transforms("local-dir:.")``
+    gives inside ``export_dir``."""
     import open_clip
 
-    model, _, preprocess = open_clip.create_model_and_transforms(register(export_dir),
-                                                                 pretrained=str(Path(export_dir) / WEIGHTS))
+    pre = json.loads((Path(export_dir) / CONFIG).read_text()).get("preprocess_cfg", {})
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        register(export_dir), pretrained=str(Path(export_dir) / WEIGHTS), image_mean=pre.get("mean"),
+        image_std=pre.get("std"), image_interpolation=pre.get("interpolation"),
+        image_resize_mode=pre.get("resize_mode"))
     return model.eval(), preprocess
 
 
