@@ -161,6 +161,8 @@ def _usage(m: str, enc) -> str:
             + ("(`last_hidden_state[:, 0]`, or `pooler_output / pooler_scale` from selfsup.json)."
                if enc.cfg.pooling == "cls" else "(mean of `last_hidden_state` over the positions, [CLS] excluded "
                                                 "for a ViT, padding excluded for text)."))
+    if m == "text":
+        note += " The tokenizer's `model_max_length` is the trained text length, where `truncation=True` cuts."
     if m == "audio":
         note += (" Input: torchaudio `MelSpectrogram(sample_rate, n_fft, hop_length, n_mels)` of a mono clip, "
                  "`(log(mel + 1e-6) - mean) / std`, as `[B, 1, n_mels, frames]` cut to whole patches; the "

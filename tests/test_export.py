@@ -182,7 +182,7 @@ def _stage(tmp_path, name, pairs, starter_tokenizer, pooling="cls"):
 
 
 def test_export_stage_writes_every_piece_with_parity(tmp_path, starter_tokenizer):
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoTokenizer
 
     from pipeline.data.loader import SourceConfig
     from pipeline.stage import Context
@@ -206,6 +206,9 @@ def test_export_stage_writes_every_piece_with_parity(tmp_path, starter_tokenizer
     cond = json.loads((out / "conditioning" / "conditioning.json").read_text())["components"]
     assert cond["text_encoder"]["pooled_projection"]["clip"] == "clip_image_text"
     assert "Training data and licences" in (out / "text" / "README.md").read_text()
+    for part in ("text", "clip_image_text", "clip_image_text/open_clip_text", "conditioning/text_encoder",
+                 "conditioning/tokenizer"):
+        assert AutoTokenizer.from_pretrained(str(out / part)).model_max_length == 16, part  # cut where training cut
 
 
 def test_open_clip_model_equals_clip_features(tmp_path, starter_tokenizer, batches):
