@@ -53,7 +53,7 @@ class Modality(Base):
 
     @property
     def num_samples(self) -> int:
-        return int(round(self.cfg.clip_seconds * self.cfg.sample_rate))
+        return round(self.cfg.clip_seconds * self.cfg.sample_rate)
 
     @property
     def num_frames(self) -> int:

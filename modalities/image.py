@@ -230,10 +230,9 @@ def _idat(data: bytes) -> bytes | None:
             if kind not in _INERT_CHUNKS:
                 return None
             after_idat = True
-        elif (kind == b"IHDR") != (pos == 8) or kind != b"IHDR" and kind not in _INERT_CHUNKS:
-            return None
-        elif zlib.crc32(data[pos + 4:crc]) != int.from_bytes(data[crc:crc + 4], "big"):
-            return None
+        elif (kind == b"IHDR") != (pos == 8) or kind != b"IHDR" and kind not in _INERT_CHUNKS or \
+                zlib.crc32(data[pos + 4:crc]) != int.from_bytes(data[crc:crc + 4], "big"):
+            return None  # IHDR not first, a chunk that is not inert, or a CRC PIL would refuse
         pos = crc + 4
     return None
 

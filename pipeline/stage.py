@@ -11,10 +11,11 @@ and is what the runner and the command line use. Stages are thin: they wire conf
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.config import Config, ConfigError
 
@@ -33,8 +34,8 @@ class Stage:
 
     name: str
     Config: type[StageConfig]
-    run: Callable[[StageConfig, "Context"], dict | None]
-    inputs: Callable[[StageConfig, "Context"], list[str]] = _no_inputs
+    run: Callable[[StageConfig, Context], dict | None]
+    inputs: Callable[[StageConfig, Context], list[str]] = _no_inputs
     positional: tuple[str, ...] = ()
     distributed: bool = False
     doc: str = ""

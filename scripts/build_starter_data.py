@@ -324,8 +324,8 @@ def build_speech(out: Path, jobs_n: int) -> dict:
 
 
 def deb_version(package: str) -> str:
-    return subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True,
-                          text=True).stdout.strip() or "unknown"
+    return subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package], check=False, capture_output=True,
+                          text=True).stdout.strip() or "unknown"  # not installed: no version
 
 
 def split_lines(manifests: dict) -> list[str]:
@@ -341,41 +341,41 @@ def source_sections(built: dict, wordnet_per_class: int) -> list[list[str]]:
     fmnist_per_class = built["fmnist"]["train"]["total"] // len(FMNIST_CLASSES)
     return [
         ["## fmnist",
-         f"Fashion-MNIST, Debian package `dataset-fashion-mnist` {deb_version('dataset-fashion-mnist')}. "
-         f"Train holds the first {fmnist_per_class} images of each class of the 60000; test is complete.",
+         (f"Fashion-MNIST, Debian package `dataset-fashion-mnist` {deb_version('dataset-fashion-mnist')}. "
+          f"Train holds the first {fmnist_per_class} images of each class of the 60000; test is complete."),
          "Licence: MIT (Expat), Copyright 2017 Zalando SE; full text in `fmnist/COPYRIGHT`.",
          *split_lines(built["fmnist"]),
          "Keys: `png` (28x28 grayscale), `cls`, `json` {label}.",
          f"Labels: {numbered(FMNIST_CLASSES)}."],
         ["## emoji",
-         f"npm package `emoji-datasource-google` {emoji_version}, `img/google/64` and `emoji.json`; composited "
-         "on white, resized with Lanczos. Category `Component` is left out; test is ~15 % by hash of `unified`.",
-         "Licence: images are Google Noto Emoji, Apache-2.0 (per the package README); "
-         "the emoji.json data is MIT (`emoji/LICENSE`).",
+         (f"npm package `emoji-datasource-google` {emoji_version}, `img/google/64` and `emoji.json`; composited "
+          "on white, resized with Lanczos. Category `Component` is left out; test is ~15 % by hash of `unified`."),
+         ("Licence: images are Google Noto Emoji, Apache-2.0 (per the package README); "
+          "the emoji.json data is MIT (`emoji/LICENSE`)."),
          *split_lines(emoji_manifests),
-         "Keys: `png` (RGB), `txt` (lower-cased name), `cls` (category), "
-         "`json` {name, short_name, category, subcategory, unified}.",
+         ("Keys: `png` (RGB), `txt` (lower-cased name), `cls` (category), "
+          "`json` {name, short_name, category, subcategory, unified}."),
          f"Labels: {numbered(categories)}."],
         ["## wordnet",
-         f"WordNet 3.0 glosses, Debian package `wordnet-base` {deb_version('wordnet-base')}, "
-         f"`data.{{noun,verb,adj,adv}}`; at most {wordnet_per_class} synsets per lexicographer file "
-         "(a fixed pick by hash), test is ~10 % of those by hash of the synset.",
-         "Licence: WordNet 3.0 licence (permissive). WordNet 3.0 Copyright 2006 by Princeton University. "
-         "All rights reserved. Full licence text and disclaimer in `wordnet/COPYRIGHT`.",
+         (f"WordNet 3.0 glosses, Debian package `wordnet-base` {deb_version('wordnet-base')}, "
+          f"`data.{{noun,verb,adj,adv}}`; at most {wordnet_per_class} synsets per lexicographer file "
+          "(a fixed pick by hash), test is ~10 % of those by hash of the synset."),
+         ("Licence: WordNet 3.0 licence (permissive). WordNet 3.0 Copyright 2006 by Princeton University. "
+          "All rights reserved. Full licence text and disclaimer in `wordnet/COPYRIGHT`."),
          *split_lines(built["wordnet"]),
          "Keys: `txt` (\"word1, word2: gloss\"), `cls` (lexicographer file number), `json` {lexname, pos}.",
          f"Labels: {numbered(LEXNAMES)}."],
         ["## kjv",
-         f"King James Version, Debian package `bible-kjv` {deb_version('bible-kjv')}, one sample per verse "
-         "of `bible -f Gen1:1-Rev22:21`; every 50th verse is in `test/`.",
+         (f"King James Version, Debian package `bible-kjv` {deb_version('bible-kjv')}, one sample per verse "
+          "of `bible -f Gen1:1-Rev22:21`; every 50th verse is in `test/`."),
          "Licence: the text is in the public domain.",
          *split_lines(built["kjv"]),
          "Keys: `txt` (verse), `json` {ref} (reference as `bible` prints it, e.g. `Ge1:1`)."],
         ["## speech",
-         f"Single English words rendered with `espeak-ng` {deb_version('espeak-ng')}, trimmed, 16 kHz mono. "
-         f"Train voices: {', '.join(TRAIN_VOICES)}. Test-only voices: {', '.join(TEST_VOICES)}. "
-         f"Speeds {SPEEDS}, pitches {PITCHES}; {SPEECH_TRAIN_PER_WORD} train and "
-         f"{SPEECH_TEST_PER_WORD} test renders per word.",
+         (f"Single English words rendered with `espeak-ng` {deb_version('espeak-ng')}, trimmed, 16 kHz mono. "
+          f"Train voices: {', '.join(TRAIN_VOICES)}. Test-only voices: {', '.join(TEST_VOICES)}. "
+          f"Speeds {SPEEDS}, pitches {PITCHES}; {SPEECH_TRAIN_PER_WORD} train and "
+          f"{SPEECH_TEST_PER_WORD} test renders per word."),
          "Licence: espeak-ng is GPL-3.0-or-later; the clips are its synthesized output of common words.",
          *split_lines(built["speech"]),
          "Keys: `flac`, `txt` (the word), `cls`, `json` {word, voice, speed, pitch}.",

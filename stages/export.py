@@ -118,7 +118,7 @@ def run(cfg: Config, ctx: Context) -> dict:
                 from transformers import AutoModel
 
                 diffs = dual_encoder.parity(objective, AutoModel.from_pretrained(str(target)).eval(), batch)
-                diffs |= _open_clip(objective, pair["text"][0], target, batch)
+                diffs |= _open_clip(objective, pair["text"][0], pair["image"][0], target, batch)
                 usage = DUAL_USAGE
             else:
                 stage_clip.export(objective, {m: mod for m, (mod, _) in pair.items()}, heads, target)
@@ -140,14 +140,14 @@ def run(cfg: Config, ctx: Context) -> dict:
     return {"exported": sorted(parity), "conditioning": sorted(cond["components"])}
 
 
-def _open_clip(objective, text_modality, target: Path, batch: dict) -> dict[str, float]:
+def _open_clip(objective, text_modality, image_modality, target: Path, batch: dict) -> dict[str, float]:
     """The pair also as an open_clip model; its text tower's config and tokenizer in ``open_clip_text/``."""
     from pipeline.export import open_clip_model
     from pipeline.export.transformers_models import export_encoder
 
     text_dir = export_encoder(objective.encoders["text"], text_modality, target / "open_clip_text")
-    cfg_file, weights = open_clip_model.export(objective, target, text_dir, target.name)
-    model, _ = open_clip_model.load(cfg_file, weights, None)
+    open_clip_model.export(objective, target, text_dir, image_modality)
+    model, _ = open_clip_model.load(target)
     return {f"open_clip_{m}": v for m, v in open_clip_model.parity(objective, model, batch).items()}
 
 
@@ -161,6 +161,8 @@ def _usage(m: str, enc) -> str:
             + ("(`last_hidden_state[:, 0]`, or `pooler_output / pooler_scale` from selfsup.json)."
                if enc.cfg.pooling == "cls" else "(mean of `last_hidden_state` over the positions, [CLS] excluded "
                                                 "for a ViT, padding excluded for text)."))
+    if m == "text":
+        note += " The tokenizer's `model_max_length` is the trained text length, where `truncation=True` cuts."
     if m == "audio":
         note += (" Input: torchaudio `MelSpectrogram(sample_rate, n_fft, hop_length, n_mels)` of a mono clip, "
                  "`(log(mel + 1e-6) - mean) / std`, as `[B, 1, n_mels, frames]` cut to whole patches; the "
@@ -174,21 +176,32 @@ DUAL_USAGE = """A stock `VisionTextDualEncoderModel` (ViT + BERT towers, project
 from transformers import AutoModel, AutoTokenizer, AutoImageProcessor
 model = AutoModel.from_pretrained(DIR)
 image_features = model.get_image_features(**AutoImageProcessor.from_pretrained(DIR)(images, return_tensors="pt")).pooler_output
-text_features = model.get_text_features(**AutoTokenizer.from_pretrained(DIR)(texts, padding=True, return_tensors="pt")).pooler_output
+text_features = model.get_text_features(**AutoTokenizer.from_pretrained(DIR)(texts, padding=True, truncation=True, return_tensors="pt")).pooler_output
 ```
 Both towers pool the [CLS] state (trained with `pooling: cls`); their stock poolers pass it through.
+The tokenizer's `model_max_length` is the trained text length, where `truncation=True` cuts.
 
 The same model for open_clip (its own ViT tower; the Hugging Face text tower reads its config and
-tokenizer from `open_clip_text/`, named by absolute path in the JSON: edit `hf_model_name` and
-`hf_tokenizer_name` after moving the directory):
+tokenizer from `open_clip_text/`, which `open_clip_config.json` names relative to DIR, so DIR may be
+moved or copied; the config's `preprocess_cfg` is the training's eval preprocessing). open_clip
+resolves that path against the working directory, so from inside DIR:
 
 ```python
 import open_clip
-open_clip.add_model_config("DIR/open_clip_config.json")
-model, _, preprocess = open_clip.create_model_and_transforms("open_clip_config", pretrained="DIR/open_clip_model.safetensors")
-tokenizer = open_clip.get_tokenizer("open_clip_config")
+import torch
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:.")
+model.eval()  # open_clip returns it in training mode
+tokenizer = open_clip.get_tokenizer("local-dir:.")
+pixels = torch.stack([preprocess(image) for image in pil_images])
 features = model.encode_image(pixels, normalize=True), model.encode_text(tokenizer(texts), normalize=True)
 ```
+From anywhere else, with the pipeline installed, `model, preprocess =
+pipeline.export.open_clip_model.load(DIR)` gives the same model and preprocess with the path
+resolved, and `open_clip.get_tokenizer(f"local-dir:{DIR}")` the tokenizer. (A name registered with
+`open_clip.add_model_config` gets open_clip's default preprocessing, OpenAI's mean and std, whatever
+the config says.) `preprocess` resizes the short side and then crops the center, where training
+cropped the center square and then resized it: the same pixels on square images; on others the
+crop can sit under a pixel apart, so pass square images for the trained features.
 """
 
 STAGE_CLIP_USAGE = """A CLIP pair in the stage layout: `encoders/<modality>/` (stock transformers towers) and

@@ -3,7 +3,8 @@
     selfsup index --encoders CLIP_DIR --data SHARDS[,SHARDS…] --out INDEX [--batch-size 64]
 
 ``CLIP_DIR`` is a CLIP pretrain stage directory (``encoders/`` + ``heads/clip*/``), an exported
-stage-layout CLIP directory, or an exported stock ``VisionTextDualEncoderModel``. Every modality of
+stage-layout CLIP directory, or an exported stock ``VisionTextDualEncoderModel`` (its saved image
+processor and tokenizer prepare the shards, as they do ``retrieve``'s queries). Every modality of
 the pair present in the shards gets a matrix of L2-normalized joint-space embeddings, the sample
 keys and where each sample lives (shard, position), so hits can be shown
 (``pipeline.retrieval.index``). The index records the CLIP directory, so retrieval loads the same
@@ -25,7 +26,7 @@ class Config(StageConfig):
     data: list[str] = Field(description="shard directories (with manifest.json), manifests, brace patterns or globs")
     modalities: list[str] | None = Field(default=None, description="modalities to index (default: the pair's)")
     batch_size: int = Field(default=64, ge=1, description="samples embedded at once")
-    num_workers: int = Field(default=0, ge=0, description="dataloader workers")
+    num_workers: int = Field(default=0, ge=0, description="dataloader workers (stage layout)")
 
     @field_validator("data", "modalities", mode="before")
     @classmethod
@@ -49,17 +50,17 @@ def run(cfg: Config, ctx: Context) -> dict:
     t0 = time.time()
     model_dir = ctx.path(cfg.encoders).resolve()
     clip = load_clip(model_dir)  # fails early, naming the directory, if it is no CLIP model
-    if not isinstance(clip, StageClip):
-        raise ConfigError(f"--encoders {model_dir}: index the CLIP stage directory (or the stage-layout export) "
-                          "this dual encoder was exported from; its features are the same")
     pair = clip.modalities
     wanted = cfg.modalities or list(pair)
     for m in wanted:
         if m not in pair:
             raise ConfigError(f"modalities: {m!r} is not embedded by the CLIP model {model_dir} ({', '.join(pair)})")
     data = [str(ctx.path(s)) for s in cfg.data]
-    emb = embed(model_dir, data, modalities=wanted, space="clip", label_key=None, batch_size=cfg.batch_size,
-                num_workers=cfg.num_workers, progress=ctx.progress)
+    if isinstance(clip, StageClip):
+        emb = embed(model_dir, data, modalities=wanted, space="clip", label_key=None, batch_size=cfg.batch_size,
+                    num_workers=cfg.num_workers, progress=ctx.progress)
+    else:  # a stock dual encoder: its own processor and tokenizer, as for the queries
+        emb = clip.embed_shards(data, wanted, batch_size=cfg.batch_size, progress=ctx.progress)
     found = {m: f for m, f in emb.features.items() if len(f)}  # rows aligned across modalities and with where
     index.write(ctx.out_dir, {m: f.x for m, f in found.items()}, {m: list(f.keys) for m, f in found.items()},
                 {m: emb.where for m in found},

@@ -11,7 +11,8 @@ from the shards into the trainer; nothing is held in memory beyond the tokenizer
 from __future__ import annotations
 
 import time
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 from pydantic import Field
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
+import torch
+from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from modalities.image import ImageConfig  # noqa: E402
-from pipeline.data.loader import LoaderConfig, SourceConfig, StreamingLoader  # noqa: E402
+from modalities.image import ImageConfig
+from pipeline.data.loader import LoaderConfig, SourceConfig, StreamingLoader
 
 
 def main() -> None:

@@ -53,6 +53,15 @@ def test_automodel_reload_has_every_weight_and_parity(tmp_path, starter_tokenize
     assert hidden_parity(again, model, batches[source][name]) <= 1e-5
 
 
+def _emoji_pngs(n: int = 8) -> list[bytes]:
+    """The first ``n`` PNG files of the emoji test shards (32×32 RGB)."""
+    import tarfile
+
+    tar = min((STARTER / "emoji" / "test").glob("*.tar*"))
+    with tarfile.open(tar) as t:
+        return [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".png")][:n]
+
+
 def test_image_processor_reproduces_eval_preprocessing(tmp_path, starter_tokenizer):
     from PIL import Image
     from transformers import AutoImageProcessor
@@ -63,10 +72,7 @@ def test_image_processor_reproduces_eval_preprocessing(tmp_path, starter_tokeniz
     image_processor(mod).save_pretrained(str(tmp_path))
     proc = AutoImageProcessor.from_pretrained(str(tmp_path))
     import io
-    import tarfile
-    tar = min((STARTER / "emoji" / "test").glob("*.tar*"))
-    with tarfile.open(tar) as t:
-        pngs = [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".png")][:8]
+    pngs = _emoji_pngs()
     imgs = [mod.decode(p, "png") for p in pngs]
     ours = mod.collate([mod.transform(i, None) for i in imgs])
     theirs = proc(images=[Image.open(io.BytesIO(p)).convert("RGB") for p in pngs], return_tensors="pt")["pixel_values"]
@@ -74,7 +80,7 @@ def test_image_processor_reproduces_eval_preprocessing(tmp_path, starter_tokeniz
 
 
 def test_dual_encoder_equals_clip_features(tmp_path, starter_tokenizer, batches):
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoTokenizer
 
     from pipeline.export import dual_encoder
     from pipeline.objectives import clip
@@ -88,6 +94,7 @@ def test_dual_encoder_equals_clip_features(tmp_path, starter_tokenizer, batches)
     diffs = dual_encoder.parity(obj, model.eval(), batches["emoji"])
     assert max(diffs.values()) <= 1e-5, diffs
     json.dumps(diffs)
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "clip")).model_max_length == 16  # cut where training cut
 
 
 def _unet(cross: int):
@@ -175,7 +182,7 @@ def _stage(tmp_path, name, pairs, starter_tokenizer, pooling="cls"):
 
 
 def test_export_stage_writes_every_piece_with_parity(tmp_path, starter_tokenizer):
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoTokenizer
 
     from pipeline.data.loader import SourceConfig
     from pipeline.stage import Context
@@ -199,21 +206,97 @@ def test_export_stage_writes_every_piece_with_parity(tmp_path, starter_tokenizer
     cond = json.loads((out / "conditioning" / "conditioning.json").read_text())["components"]
     assert cond["text_encoder"]["pooled_projection"]["clip"] == "clip_image_text"
     assert "Training data and licences" in (out / "text" / "README.md").read_text()
+    for part in ("text", "clip_image_text", "clip_image_text/open_clip_text", "conditioning/text_encoder",
+                 "conditioning/tokenizer"):
+        assert AutoTokenizer.from_pretrained(str(out / part)).model_max_length == 16, part  # cut where training cut
 
 
 def test_open_clip_model_equals_clip_features(tmp_path, starter_tokenizer, batches):
+    import open_clip
+
+    from pipeline.export import open_clip_model
+
+    obj, _, tmod = _open_clip_export(tmp_path, starter_tokenizer)
+    model, _ = open_clip_model.load(tmp_path / "clip")
+    diffs = open_clip_model.parity(obj, model, batches["emoji"])
+    assert max(diffs.values()) <= 1e-5, diffs
+    assert _open_clip_text_diff(obj, tmod, model, open_clip.get_tokenizer("open_clip_config")) <= 1e-5
+
+
+def _open_clip_export(tmp_path, starter_tokenizer):
+    """(CLIP objective of tiny towers, image modality, text modality), the objective exported for
+    open_clip to ``tmp_path/clip`` with its text tower in ``tmp_path/text``."""
     from pipeline.export import open_clip_model
     from pipeline.export.transformers_models import export_encoder
     from pipeline.objectives import clip
 
     m = _mods(starter_tokenizer)
-    (_, ienc), (tmod, tenc) = _encoder("image", m["image"]), _encoder("text", m["text"])
+    (imod, ienc), (tmod, tenc) = _encoder("image", m["image"]), _encoder("text", m["text"])
     obj = clip.Objective(clip.Config(), {"image": ienc, "text": tenc}).eval()
     export_encoder(tenc, tmod, tmp_path / "text")
-    cfg_file, weights = open_clip_model.export(obj, tmp_path / "clip", tmp_path / "text", "x")
-    model, _ = open_clip_model.load(cfg_file, weights, None)
-    diffs = open_clip_model.parity(obj, model, batches["emoji"])
-    assert max(diffs.values()) <= 1e-5, diffs
+    open_clip_model.export(obj, tmp_path / "clip", tmp_path / "text", imod)
+    return obj, imod, tmod
+
+
+def _padded(png: bytes, left: int, right: int, top: int, bottom: int):
+    """The image of ``png`` on a larger black canvas: a non-square image whose crop shows the border."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    out = Image.new("RGB", (img.width + left + right, img.height + top + bottom))
+    out.paste(img, (left, top))
+    return out
+
+
+@torch.no_grad()
+def test_open_clip_preprocess_reproduces_eval_preprocessing(tmp_path, starter_tokenizer, monkeypatch):
+    """open_clip's own eval ``preprocess`` of PIL images (plain open_clip inside the export, and
+    ``load`` from anywhere) is the pipeline's eval transform, and the features of its pixels are the
+    pipeline's CLIP features. Equal on square images and on non-square ones whose center crop falls
+    on whole pixels of the resized image (32×32 → 16×16; 44×32 → 22×16, crop from x = 3); elsewhere
+    open_clip crops after resizing at a rounded offset, a sub-pixel shift, bounded here as measured."""
+    import open_clip
+    import torch.nn.functional as F
+
+    from pipeline.export import open_clip_model
+
+    obj, imod, _ = _open_clip_export(tmp_path, starter_tokenizer)
+    model, preprocess = open_clip_model.load(tmp_path / "clip")
+    monkeypatch.chdir(tmp_path / "clip")
+    _, _, plain = open_clip.create_model_and_transforms("local-dir:.")
+    pngs = _emoji_pngs()
+
+    def both(pads):
+        imgs = [_padded(p, *pads) for p in pngs]
+        ours = imod.collate([imod.transform(imod.decode(imod.encode(i)[1], "png"), None) for i in imgs])
+        return ours, [torch.stack([pre(i) for i in imgs]) for pre in (preprocess, plain)]
+
+    for pads in [(0, 0, 0, 0), (4, 8, 0, 0), (0, 0, 6, 6)]:  # 32×32, 44×32, 32×44
+        ours, theirs = both(pads)
+        for pixels in theirs:
+            assert pixels.shape == ours.shape and (pixels - ours).abs().max().item() <= 1e-6, pads
+        features = F.normalize(model.encode_image(theirs[1]), dim=-1)
+        assert (features - obj.features({"image": ours}, "image")).abs().max().item() <= 1e-5, pads
+    for pads in [(5, 5, 0, 0), (3, 0, 0, 0), (0, 0, 0, 13)]:  # 42×32, 35×32, 32×45: the grid shifts
+        ours, theirs = both(pads)  # mean |difference| 0.12, 0.15, 0.03 of the [-1, 1] range; max 1.1
+        assert all((pixels - ours).abs().mean().item() <= 0.2 for pixels in theirs), pads
+
+
+#: longer than the 16 tokens the text tower trains on
+LONG = "a grinning face with big eyes beside a red apple on a wooden table under the light of a sunny morning"
+
+
+@torch.no_grad()
+def _open_clip_text_diff(obj, tmod, model, tokenizer) -> float:
+    """Max abs difference of raw texts' features through open_clip's own tokenizer vs the pipeline's."""
+    import torch.nn.functional as F
+
+    texts = ["a red apple", LONG]
+    assert len(tmod.transform(LONG, None)) == tmod.cfg.max_length  # cut by the pipeline
+    ours = obj.features({"text": tmod.collate([tmod.transform(t, None) for t in texts])}, "text")
+    return (F.normalize(model.encode_text(tokenizer(texts)), dim=-1) - ours).abs().max().item()
 
 
 def test_mean_pooled_image_text_clip_falls_back_to_the_stage_layout(tmp_path, starter_tokenizer):
@@ -227,3 +310,40 @@ def test_mean_pooled_image_text_clip_falls_back_to_the_stage_layout(tmp_path, st
     export.run(cfg, Context(out_dir=tmp_path / "export", progress=False))
     parity = json.loads((tmp_path / "export" / "parity.json").read_text())["max_abs_diff"]["clip_mean"]
     assert max(parity.values()) <= 1e-5 and (tmp_path / "export" / "clip_mean" / "heads" / "clip").is_dir()
+
+
+def test_open_clip_export_loads_after_the_directory_moves(tmp_path, starter_tokenizer, batches, monkeypatch):
+    """The open_clip config names its text tower relative to itself: moved elsewhere, the export
+    loads through ``register`` from anywhere, and through plain open_clip from inside the directory
+    (``local-dir:.``), with the features it had where it was written."""
+    import shutil
+
+    import open_clip
+
+    from pipeline.data.loader import SourceConfig
+    from pipeline.export import open_clip_model
+    from pipeline.stage import Context
+    from stages import export
+
+    a = _stage(tmp_path, "clip_image_text", ["image", "text"], starter_tokenizer)
+    export.run(export.Config(stages=[str(a)], data=[SourceConfig(shards=str(STARTER / "emoji" / "test"),
+                                                                 modalities=["image", "text"])]),
+               Context(out_dir=tmp_path / "export", progress=False))
+
+    @torch.no_grad()
+    def features(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = tokenizer(["a red apple", LONG])
+        return model.eval().encode_image(batches["emoji"]["image"], normalize=True), model.encode_text(tokens, normalize=True)
+
+    here = tmp_path / "export" / "clip_image_text"
+    before = features(open_clip_model.load(here)[0], open_clip.get_tokenizer(open_clip_model.register(here)))
+    (tmp_path / "elsewhere").mkdir()
+    moved = shutil.move(here, tmp_path / "elsewhere" / "clip")
+    shutil.rmtree(tmp_path / "export")
+    text_cfg = json.loads((moved / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
+    assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == "open_clip_text"
+    after = features(open_clip_model.load(moved)[0], open_clip.get_tokenizer(f"local-dir:{moved}"))
+    monkeypatch.chdir(moved)
+    plain = features(open_clip.create_model_and_transforms("local-dir:.")[0], open_clip.get_tokenizer("local-dir:."))
+    for got in (after, plain):
+        assert max((b - g).abs().max().item() for b, g in zip(before, got)) <= 1e-5

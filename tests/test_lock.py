@@ -37,7 +37,7 @@ def test_two_commands_on_one_run_directory_the_second_refuses_naming_the_holder(
                 and time.time() < deadline:
             time.sleep(0.01)
         assert held.exists(), "the first command never took the lock"
-        second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        second = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert first.poll() is None, "the first command ended before the second tried"
     finally:
         first.kill()
@@ -46,7 +46,8 @@ def test_two_commands_on_one_run_directory_the_second_refuses_naming_the_holder(
     assert second.returncode == 2 and err.startswith("selfsup: error: ") and "in use by pid" in err
     assert f"pid {first.pid} on {socket.gethostname()}" in err
     assert held.exists()  # SIGKILL leaves the lock behind …
-    third = subprocess.run([*cmd[:5], "stages.pt.steps=1", *cmd[5:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    third = subprocess.run([*cmd[:5], "stages.pt.steps=1", *cmd[5:]], check=False, cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
     assert third.returncode == 0, third.stderr[-2000:]
     assert "that process is gone" in third.stderr and not held.exists()  # … and the next command takes it over
 
@@ -60,9 +61,8 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_one_of_another_host_only_o
         assert json.loads((tmp_path / lock.NAME).read_text())["pid"] == os.getpid()
     assert "that process is gone" in caplog.text and not (tmp_path / lock.NAME).exists()
     (tmp_path / lock.NAME).write_text(json.dumps({"host": "node-17", "pid": 1, "command": "selfsup run", "since": 0}))
-    with pytest.raises(lock.LockedError, match="in use by pid 1 on node-17 .*--break-lock"):
-        with lock.hold(tmp_path):
-            pass
+    with pytest.raises(lock.LockedError, match="in use by pid 1 on node-17 .*--break-lock"), lock.hold(tmp_path):
+        pass
     with lock.hold(tmp_path, break_lock=True):
         pass
     assert "broken on request" in caplog.text

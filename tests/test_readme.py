@@ -11,7 +11,7 @@ from pipeline import registry
 
 def test_ci_runs_the_readme_test_command():
     readme = (REPO / "README.md").read_text()
-    blocks = re.findall(r"## Quick start.*?```bash\n(.*?)\n```.*?```bash\n(.*?)\n```", readme, re.S)[0]
+    blocks = re.findall(r"## Quick start.*?```bash\n(.*?)\n```.*?```bash\n(.*?)\n```", readme, re.DOTALL)[0]
     install_and_run, install_and_test = blocks
     assert install_and_run.endswith("selfsup run")
     ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]

@@ -258,3 +258,48 @@ def test_audio_text_index_round_trip_and_players(tmp_path, capsys):
     assert [h["modality"] for h in json.loads(capsys.readouterr().out)[0]["hits"]] == ["text", "text"]
     assert main(["retrieve", str(run / "index"), "hello", "-k", "2", "--html", str(html)]) == 0
     assert html.read_text().count("<audio controls src='data:audio/") == 2
+
+
+def test_an_index_of_the_exported_dual_encoder_agrees_with_the_stage_one(tmp_path, capsys):
+    """An image–text CLIP stage and its export as a stock ``VisionTextDualEncoderModel``
+    (``export/clip/``) index the same shards to the same rows, and ``retrieve`` on either index finds
+    the same hits at the same scores: the stock model with its saved processor and tokenizer
+    computes the stage's features, long texts cut where training cut them included."""
+    import yaml
+
+    from pipeline.cli import main
+    from pipeline.runner import run_recipe
+
+    cls = {**TINY, "pooling": "cls"}  # what the stock dual encoder projects
+    recipe = {
+        "name": "tiny", "sources": {"emoji": {"shards": str(EMOJI), "modalities": ["image", "text"]}},
+        "modalities": {"image": {"size": 32}, "text": {"tokenizer": "{run}/tokenize", "max_length": 16}},
+        "stages": [
+            {"name": "tokenize", "shards": [str(EMOJI)], "vocab_size": 300},
+            {"name": "clip", "stage": "pretrain", "sources": ["emoji"], "steps": 2, "objectives": {"clip": {}},
+             "encoders": {"image": {**cls, "patch_size": 8}, "text": cls}, "loader": {"batch_size": 8, "num_workers": 0}},
+            {"name": "export", "stages": ["clip"], "data": [{"shards": str(EMOJI), "modalities": ["image", "text"]}]},
+            {"name": "index_stage", "stage": "index", "encoders": "{run}/clip", "data": [str(EMOJI)], "batch_size": 32},
+            {"name": "index_export", "stage": "index", "encoders": "{run}/export/clip", "data": [str(EMOJI)],
+             "batch_size": 32},
+        ],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    run = run_recipe(tmp_path / "r.yaml", runs=tmp_path / "runs", progress=False)
+    stage, export = Index(run / "index_stage"), Index(run / "index_export")
+    assert export.info["encoders"] == str((run / "export" / "clip").resolve())
+    for m in ("image", "text"):
+        assert export.keys(m) == stage.keys(m)
+        assert [export.place(m, r) for r in range(3)] == [stage.place(m, r) for r in range(3)]
+        assert np.abs(np.asarray(export.matrix(m)) - np.asarray(stage.matrix(m))).max() <= 1e-5
+
+    long = "a grinning face with big eyes beside a red apple on a wooden table under the light of a sunny morning"
+    (tmp_path / "q.txt").write_text(f"a red apple\nsmiling cat\n{long}\n")
+    (tmp_path / "q.png").write_bytes(_first_samples(1)[0]["png"])
+    for query in (["--queries", str(tmp_path / "q.txt")], ["--image", str(tmp_path / "q.png")]):
+        hits = []
+        for index in (stage, export):
+            assert main(["retrieve", str(index.path), *query, "-k", "5", "--json"]) == 0
+            hits.append([h for r in json.loads(capsys.readouterr().out) for h in r["hits"]])
+        assert [h["key"] for h in hits[1]] == [h["key"] for h in hits[0]]
+        assert max(abs(a["score"] - b["score"]) for a, b in zip(*hits)) <= 1e-5

@@ -15,7 +15,8 @@ from pipeline.data.writer import write_shards
 from pipeline.stage import Context
 from stages import tokenize
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing in green trees".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "small", "birds",
+         "sing", "in", "green", "trees"]
 
 
 def sentence(i: int) -> str:

@@ -35,8 +35,7 @@ def export(encoders: dict, out: str | Path, projections: dict | None = None) -> 
                             else "mean of last_hidden_state over real tokens (attention_mask)",
                             "pooler_scale": scale, "pooling": enc.cfg.pooling},
                  "pooled_projection": (projections or {}).get(name)}
-        if name == "text":
-            mod.tokenizer.model_max_length = mod.cfg.max_length
+        if name == "text":  # export_encoder set its model_max_length to the trained length
             mod.tokenizer.save_pretrained(str(out / "tokenizer"))
             entry |= {"tokenizer": "tokenizer", "max_length": mod.cfg.max_length}
         else:

@@ -42,12 +42,15 @@ def build(objective, vision_modality: str = "image", text_modality: str = "text"
 
 
 def export(objective, out: str | Path, text_modality, image_modality) -> Path:
-    """Write the dual encoder, its tokenizer and image processor to ``out``."""
+    """Write the dual encoder, its tokenizer and image processor to ``out``. The tokenizer truncates
+    at the trained length: with its own default (512) a long text would keep tokens the pipeline's
+    features never saw, and the stock features of it would differ from the pipeline's."""
     from pipeline.export.transformers_models import image_processor
 
     out = Path(out)
     model = build(objective)
     model.save_pretrained(str(out))
+    text_modality.tokenizer.model_max_length = text_modality.cfg.max_length
     text_modality.tokenizer.save_pretrained(str(out))
     image_processor(image_modality).save_pretrained(str(out))
     return out

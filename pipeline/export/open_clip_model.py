@@ -1,6 +1,25 @@
-"""An image–text CLIP stage as an open_clip model: a model config JSON (open_clip's own
+"""An image–text CLIP stage as an open_clip model: ``open_clip_config.json`` in the layout open_clip
+reads from a model directory (``local-dir:``, ``hf-hub:``): ``model_cfg`` (open_clip's own
 ``VisionTransformer`` for the image tower, its Hugging Face text tower pointing at the exported
-text directory) plus converted weights in safetensors.
+text directory) and ``preprocess_cfg`` (the pipeline's eval preprocessing), plus converted weights
+in safetensors.
+
+The config names the text directory relative to itself, so the export may be moved or copied.
+open_clip hands ``hf_model_name`` to transformers as it is, where a relative path resolves against
+the working directory: plain open_clip loads the export from inside it (``local-dir:.``), and
+``load`` loads it from anywhere by resolving the path first (``register``).
+
+open_clip reads ``preprocess_cfg`` only for a ``local-dir:`` or ``hf-hub:`` name. A name registered
+by ``add_model_config`` gets open_clip's defaults (OpenAI's mean and std, bicubic) whatever its file
+says (every model config key goes to the model's constructor, which refuses any other), so ``load``
+passes the settings to ``create_model_and_transforms`` itself.
+
+The eval preprocessing: open_clip's ``resize_mode: shortest`` resizes the short side to ``size``
+(bilinear, PIL's resampling as the pipeline's) and then crops the center, where the pipeline crops
+the center square and then resizes it. On square images, and on others whose center crop falls on
+whole pixels of the resized image, the two are equal; otherwise open_clip's crop sits on a rounded
+pixel offset of a resized image whose long side is truncated to whole pixels, a shift of the
+sampling grid by under one resized pixel (``tests/test_export.py`` measures both).
 
 open_clip's ViT maps exactly onto transformers' ViT: pre-norm blocks with exact GELU (``norm_kwargs``
 carries our LayerNorm eps), no ``ln_pre``, ``ln_post`` then the class token (``pool_type: tok``)
@@ -12,23 +31,43 @@ positional embedding (a constant added to every patch either way). The HF tower'
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
 
+#: the files ``export`` writes, under the names open_clip gives them in a model directory
+CONFIG, WEIGHTS = "open_clip_config.json", "open_clip_model.safetensors"
+#: the ``text_cfg`` entries naming the text directory, relative to the config's directory
+TEXT_PATHS = ("hf_model_name", "hf_tokenizer_name")
 
-def model_config(objective, text_dir: Path) -> dict:
+
+def preprocess_config(image_modality) -> dict:
+    """open_clip's ``preprocess_cfg`` of the pipeline's eval preprocessing of ``image_modality``."""
+    c = image_modality.cfg
+    return {"size": c.size, "mode": "RGB", "mean": c.mean or [0.5] * c.channels, "std": c.std or [0.5] * c.channels,
+            "interpolation": "bilinear", "resize_mode": "shortest"}
+
+
+def model_config(objective, text_dir: Path, out: Path) -> dict:
+    """The open_clip model config written to ``out``, naming ``text_dir`` relative to ``out``.
+    ``context_length`` is the length the text tower trained on (its ``selfsup.json``): open_clip's
+    tokenizer truncates there, as the pipeline does, where the tokenizer's own limit (512) would
+    keep tokens the pipeline's features never saw."""
+    from pipeline.encoders.saved import SETTINGS
+
     vit = objective.encoders["image"].model.config
+    trained = json.loads((Path(text_dir) / SETTINGS).read_text())["modality_settings"]["max_length"]
+    text = Path(os.path.relpath(Path(text_dir).resolve(), Path(out).resolve())).as_posix()
     return {"embed_dim": objective.proj["image"].weight.shape[0],
             "vision_cfg": {"image_size": vit.image_size[0] if isinstance(vit.image_size, list) else vit.image_size,
                            "patch_size": vit.patch_size, "layers": vit.num_hidden_layers, "width": vit.hidden_size,
                            "head_width": vit.hidden_size // vit.num_attention_heads,
                            "mlp_ratio": vit.intermediate_size / vit.hidden_size, "no_ln_pre": True, "pool_type": "tok",
                            "norm_kwargs": {"eps": vit.layer_norm_eps}},
-            "text_cfg": {"hf_model_name": str(Path(text_dir).resolve()), "hf_tokenizer_name": str(Path(text_dir).resolve()),
-                         "hf_proj_type": "linear", "hf_pooler_type": "cls_last_hidden_state_pooler",
-                         "context_length": objective.encoders["text"].tokenizer.model_max_length
-                         if objective.encoders["text"].tokenizer.model_max_length < 10_000 else 512},
+            "text_cfg": {**dict.fromkeys(TEXT_PATHS, text), "hf_proj_type": "linear",
+                         "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": trained},
             "custom_text": True}
 
 
@@ -58,23 +97,49 @@ def state_dict(objective) -> dict[str, torch.Tensor]:
     return out
 
 
-def export(objective, out: Path, text_dir: Path, name: str) -> tuple[Path, Path]:
-    """``out/open_clip_config.json`` (named ``name``) and ``out/open_clip_model.safetensors``."""
+def export(objective, out: Path, text_dir: Path, image_modality) -> tuple[Path, Path]:
+    """``out/open_clip_config.json`` and ``out/open_clip_model.safetensors``."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    cfg_file, weights = out / "open_clip_config.json", out / "open_clip_model.safetensors"
-    cfg_file.write_text(json.dumps(model_config(objective, text_dir), indent=1) + "\n")
+    cfg_file, weights = out / CONFIG, out / WEIGHTS
+    cfg = {"model_cfg": model_config(objective, text_dir, out), "preprocess_cfg": preprocess_config(image_modality)}
+    cfg_file.write_text(json.dumps(cfg, indent=1) + "\n")
     save_file({k: t.contiguous() for k, t in state_dict(objective).items()}, str(weights))
     return cfg_file, weights
 
 
-def load(cfg_file: Path, weights: Path, name: str):
+def register(export_dir: str | Path, name: str = "open_clip_config") -> str:
+    """Make the open_clip model of ``export_dir`` known to open_clip as ``name`` (for
+    ``create_model`` and ``get_tokenizer``), its text directory resolved against ``export_dir``
+    wherever that now lies; returns ``name``. open_clip reads model configs from files only, so the
+    resolved config passes through a temporary ``<name>.json``; it is read at once and stays
+    registered after the file is gone. The name carries no preprocessing: ``load`` adds it."""
     import open_clip
 
-    open_clip.add_model_config(str(cfg_file))  # registered under the file's stem
-    model, _, preprocess = open_clip.create_model_and_transforms(cfg_file.stem if name is None else name,
-                                                                 pretrained=str(weights))
+    cfg_file = Path(export_dir) / CONFIG
+    cfg = json.loads(cfg_file.read_text())
+    cfg = cfg.get("model_cfg", cfg)  # a flat model config (an earlier export) as it is
+    for key in TEXT_PATHS:
+        cfg["text_cfg"][key] = str((cfg_file.parent / cfg["text_cfg"][key]).resolve())
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / f"{name}.json"
+        file.write_text(json.dumps(cfg))
+        open_clip.add_model_config(file)
+    return name
+
+
+def load(export_dir: str | Path):
+    """(open_clip model in eval mode, its eval preprocess) of ``export_dir`` from anywhere, through
+    ``register`` and the config's ``preprocess_cfg``: what ``create_model_and_transforms("local-dir:.")``
+    gives inside ``export_dir``."""
+    import open_clip
+
+    pre = json.loads((Path(export_dir) / CONFIG).read_text()).get("preprocess_cfg", {})
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        register(export_dir), pretrained=str(Path(export_dir) / WEIGHTS), image_mean=pre.get("mean"),
+        image_std=pre.get("std"), image_interpolation=pre.get("interpolation"),
+        image_resize_mode=pre.get("resize_mode"))
     return model.eval(), preprocess
 
 

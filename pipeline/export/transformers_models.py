@@ -2,7 +2,7 @@
 weights ``AutoModel`` expects (a ViT without its training-only mask token, with a pooler; BERT with
 a pooler, see ``pooler.py``), its preprocessor, and ``selfsup.json`` so the pipeline reloads it.
 
-Preprocessors: text ships its tokenizer; image a stock ``CLIPImageProcessor`` (resize the short side
+Preprocessors: text ships its tokenizer, truncating at the trained length; image a stock ``CLIPImageProcessor`` (resize the short side
 bilinearly, center crop, rescale, normalize), which is the pipeline's eval transform (center square,
 bilinear resize, per-channel normalization) on square inputs and differs only in crop-then-resize
 order on others; audio has no stock feature extractor computing torchaudio's ``MelSpectrogram``
@@ -46,10 +46,14 @@ def image_processor(modality):
 
 
 def export_encoder(encoder, modality, out: str | Path) -> Path:
-    """Write ``out/`` (stock model + preprocessor + ``selfsup.json``); returns ``out``."""
+    """Write ``out/`` (stock model + preprocessor + ``selfsup.json``); returns ``out``. A text
+    tokenizer truncates at the trained length, not at its own default (512 from ``selfsup
+    tokenize``), which would keep tokens the encoder never saw."""
     out = Path(out)
     model, scale = stock_model(encoder)
     model.save_pretrained(str(out))
+    if modality.name == "text":
+        modality.tokenizer.model_max_length = modality.cfg.max_length
     assets = modality.save_assets(out)
     if encoder.family == "vit" and modality.name == "image":
         image_processor(modality).save_pretrained(str(out))

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -144,6 +145,58 @@ class DualEncoderClip(_Clip):
             out = self.model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
         out = out if isinstance(out, torch.Tensor) else out.pooler_output
         return F.normalize(out.float(), dim=-1).cpu()
+
+    def embed_shards(self, data: str | list[str], modalities: Sequence[str], batch_size: int = 64,
+                     progress: bool = True):
+        """``modalities`` of every sample of the shard set ``data``, in shard order, through this model:
+        an ``Embedding`` as ``pipeline.evaluation.embed`` gives one for a stage directory. The stock
+        model has no pipeline modality settings to feed the loader, so samples are decoded here and
+        go through ``encode``, the saved processor and tokenizer that embed ``retrieve``'s queries.
+        A sample lacking one of ``modalities`` stops the pass, naming it, as the loader does."""
+        from tqdm.auto import tqdm
+
+        from pipeline import registry
+        from pipeline.data.shards import iter_samples, open_shards
+        from pipeline.evaluation.embed import Embedding
+        from pipeline.evaluators.base import Features
+
+        for m in modalities:
+            self._check(m)
+        shardset = open_shards(data)
+        if not shardset.shards:
+            raise ConfigError(f"--data {data}: no shards")
+        mods = {m: registry.modality(m)() for m in modalities}  # decoding only: no size, no tokenizer
+        exts = {e for mod in mods.values() for e in mod.extensions}
+        rows: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
+        keys, where, items = [], [], {m: [] for m in modalities}
+
+        def flush():
+            for m in modalities:
+                if items[m]:
+                    rows[m].append(self.encode(m, items[m]))
+                items[m] = []
+
+        bar = tqdm(total=shardset.total, disable=not progress, desc="embed", unit="sample", dynamic_ncols=True)
+        for shard in shardset.shards:
+            for sample in iter_samples(shard.path, exts=exts):
+                for m, mod in mods.items():
+                    ext = mod.pick(sample)
+                    if ext is None:
+                        raise ConfigError(f"{shard.path}: sample {sample['__key__']!r}: no {m} "
+                                          f"(looked for {', '.join(mod.extensions)})")
+                    try:
+                        items[m].append(mod.decode(sample[ext], ext))
+                    except ValueError as e:
+                        raise ConfigError(f"{shard.path}: sample {sample['__key__']!r}: {e}") from None
+                keys.append(sample["__key__"])
+                where.append((shard.path, sample["__index__"]))
+                if len(keys) % batch_size == 0:
+                    flush()
+                bar.update(1)
+        flush()
+        bar.close()
+        return Embedding({m: Features(torch.cat(rows[m]).numpy() if rows[m] else np.zeros((0, 0), np.float32), list(keys))
+                          for m in modalities}, where)
 
 
 def _open_image(file) -> Any:
