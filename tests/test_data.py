@@ -128,7 +128,6 @@ def test_views_are_a_function_of_the_sample_and_view_only(shards):
     for k, (v0, v1, v2) in three.items():
         assert torch.equal(v0, one[k]) and all(torch.equal(a, b) for a, b in zip(three[k], split[k]))
     assert all(not torch.equal(v[0], v[1]) and not torch.equal(v[1], v[2]) for v in three.values())
-    assert "__views__" not in next(iter(loader(shards, views=3, augment=False)))  # evaluation: one view
 
 
 def _part(shards: Path, **split) -> list[str]:
@@ -155,6 +154,11 @@ def test_a_held_out_split_is_disjoint_complete_and_by_group(tmp_path):
     assert speakers and len(voices) == 20 * len(speakers)  # every sample of a held-out voice, none of the others
     with pytest.raises(SampleError, match="no json field 'voice'"):
         _part(tmp_path / "a", holdout=0.3, holdout_by="voice")
+    for unsplit in ({"part": "holdout"}, {"holdout_by": "speaker"}):  # a "validation" source that is the whole set
+        with pytest.raises(ValueError, match="needs holdout"):
+            SourceConfig(shards="x", modalities=["image"], **unsplit)
+    with pytest.raises(ValueError, match="needs augment"):
+        LoaderConfig(views=2, augment=False)
 
 
 def test_mixture_follows_weights_and_is_the_same_on_every_rank(tmp_path):

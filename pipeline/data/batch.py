@@ -6,6 +6,8 @@ A batch is a plain dict (so that ``accelerate`` and ``torch`` utilities move it 
   "attention_mask"}`` ``[B, L]`` texts, ``[B, 1, n_mels, frames]`` log-mel audio (the modality's
   ``collate``);
 - ``"cls"`` ``[B]`` int64 labels, where the source names a ``label`` key;
+- ``"__views__"``: ``{modality: {"1": view 1, …}}``, the extra augmented views when the loader
+  draws several (``loader.views``; view 0 is ``<modality>``);
 - ``"__key__"``: the B sample keys; ``"__source__"``: the recipe source all of them come from;
 - ``"__step__"``: the optimizer step the batch is trained at, set by the training loop (it seeds
   the objectives' masks, so a sample is masked the same way in any batch of that step).

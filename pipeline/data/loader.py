@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from modalities.base import Modality
@@ -64,6 +64,13 @@ class SourceConfig(Config):
     holdout_by: str | None = None
     #: the part read: ``rest`` (training on what is not held out) or ``holdout`` (validating on it)
     part: Literal["rest", "holdout"] = "rest"
+
+    @model_validator(mode="after")
+    def _split_needs_a_share(self):
+        if not self.holdout and (self.part == "holdout" or self.holdout_by):
+            what = "part: holdout" if self.part == "holdout" else "holdout_by"
+            raise ValueError(f"{what} needs holdout: the share held out (e.g. 0.1); without it nothing is held out")
+        return self
 
     def wanted(self, sample: dict) -> bool:
         """Whether a raw shard sample belongs to the part this source reads."""
@@ -103,6 +110,12 @@ class LoaderConfig(Config):
     #: samples of each open remote unit fetched ahead in the background (0: none); local shards never
     read_ahead: int = Field(64, ge=0)
 
+
+    @model_validator(mode="after")
+    def _views_need_augmentation(self):
+        if self.views > 1 and not self.augment:
+            raise ValueError("views: more than one view needs augment: true (unaugmented views are all the same)")
+        return self
 
 class SampleError(RuntimeError):
     """A sample that cannot be used; the message names the shard, the key and the cause."""

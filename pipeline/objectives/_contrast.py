@@ -7,7 +7,8 @@ Across micro-batches, ``StepFeatures`` embeds every micro-batch of the step with
 ``begin_step``; micro-batch i then recomputes its own features with gradient and is scored against
 the cached features of all the others. Summed over the micro-batches this is exactly the gradient
 of one big batch (each sample's features get their gradient in the one pass where they are live),
-at the cost of one extra forward without gradient.
+at the cost of one extra forward without gradient. Exactly so with encoder ``dropout: 0``: with
+dropout, the cached pass and the live one draw different masks.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class StepFeatures:
         if len(micro_batches) > 1:
             for mb in micro_batches:
                 key = batch_id(mb)
+                if key in self._cache:  # the live pass could not tell which of the two it is
+                    raise ValueError(f"two micro-batches of one step hold the same samples {key[1][:3]}…; "
+                                     "contrastive objectives need distinct micro-batches (more samples per source)")
                 self._order.append(key)
                 self._cache[key] = features(mb)
 

@@ -52,8 +52,9 @@ class SingleModalityConfig(ObjectiveConfig):
 
 class Objective(nn.Module):
     Config: ClassVar[type[ObjectiveConfig]]
-    #: feeds the encoder ``mask=`` (the ViT mask token must then be trained)
-    uses_mask_token: ClassVar[bool] = False
+    #: feeds the encoder ``mask=`` (the ViT mask token must then be trained); an objective whose
+    #: settings decide it sets it per instance
+    uses_mask_token: bool = False
 
     def __init__(self, cfg: ObjectiveConfig, encoders: dict[str, Encoder], name: str, seed: int = 0):
         super().__init__()

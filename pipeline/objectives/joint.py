@@ -5,7 +5,8 @@ The loader draws the views (``loader.views: 2`` or more, each a function of (see
 view)): crops and flips of an image, crops and time shifts of a sound, windows of a text. On top of
 that, ``mask_ratio`` hides a share of each view's positions behind the encoder's mask token (drawn
 from the objective's noise, per view), the augmentation that works for every modality, text
-included, where short texts have a single window (SimCSE-style noise does the rest: ``dropout``).
+included, where short texts have a single window (without it, or encoder ``dropout`` as SimCSE
+uses, a short text's two views are the same and the task is trivial).
 
 Each view's pooled embedding (the encoder's ``pooling``) goes through a projection head (linear,
 LayerNorm, GELU, linear: a LayerNorm rather than SimCLR's BatchNorm, so that a batch split over
@@ -13,7 +14,7 @@ processes or micro-batches computes what the whole batch does) and is L2 normali
 ordered pair of views (a, b), each sample's view a must pick its view b among the views a and b of
 every sample of the step (the 2N − 1 others), at temperature ``temperature``; the loss is the mean
 over pairs. The negatives are the whole step's: every process and micro-batch
-(``_contrast``). The encoder keeps the representation before the head, as SimCLR does.
+(``_contrast``; exactly the big batch's gradient with ``dropout: 0``). The encoder keeps the representation before the head, as SimCLR does.
 """
 
 from __future__ import annotations
@@ -51,10 +52,7 @@ class Objective(Base):
         self.head = nn.Sequential(nn.Linear(d, cfg.hidden_dim), nn.LayerNorm(cfg.hidden_dim), nn.GELU(),
                                   nn.Linear(cfg.hidden_dim, cfg.proj_dim))
         self._step = StepFeatures()
-
-    @property
-    def uses_mask_token(self) -> bool:  # the Learner trains the mask token only if it is put in
-        return self.cfg.mask_ratio > 0
+        self.uses_mask_token = cfg.mask_ratio > 0  # the Learner trains the mask token only if it is put in
 
     def views(self, batch: dict) -> list:
         m = self.cfg.modality
@@ -115,7 +113,7 @@ class Objective(Base):
                     continue
                 q = za[rows]  # [n, E]
                 logits = torch.cat([q @ za.T, q @ zb.T], dim=1) / self.cfg.temperature  # [n, 2N]
-                logits[torch.arange(n), rows] = float("-inf")  # a view is not its own positive
+                logits[torch.arange(n, device=logits.device), rows] = float("-inf")  # a view is not its own positive
                 target = rows + big
                 total = total + F.cross_entropy(logits, target)
                 hits = hits + (logits.argmax(1) == target).float().mean().detach()
