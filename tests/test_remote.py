@@ -203,6 +203,27 @@ def test_read_ahead_hands_over_errors_in_place_and_closes_when_abandoned():
     assert 10_000 in closed
 
 
+def test_s3_sessions_share_one_botocore_loader_across_workers(s3):
+    """A forked worker's S3 client reuses the service models the main process parsed."""
+    import multiprocessing
+
+    fs, _ = remote.filesystem(f"{s3}/manifest.json")
+    parent = id(fs.session.get_component("data_loader"))
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child, text = pool.apply(_worker_loader, (f"{s3}/manifest.json",))
+    assert child == parent and json.loads(text)["total"] == 120
+    # arguments of the session itself (a profile) go to it, the others to s3fs
+    options = remote._with_aws_session({"endpoint_url": "http://127.0.0.1:9", "profile": "other"})
+    assert options["endpoint_url"] == "http://127.0.0.1:9" and options["session"].profile == "other"
+    assert "profile" not in options
+
+
+def _worker_loader(url: str) -> tuple[int, str]:
+    fs, _ = remote.filesystem(url)
+    text = remote.read_text(url)
+    return id(fs.session.get_component("data_loader")), text
+
+
 def test_a_local_cache_serves_later_reads(local, tmp_path):
     cache = tmp_path / "cache"
     remote.set_storage_options({"filecache": {"cache_storage": str(cache)}})

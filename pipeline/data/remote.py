@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
+import os
 import re
 import subprocess
 import threading
@@ -57,7 +59,49 @@ def filesystem(url: str):
     proto = url.split("://", 1)[0]
     if "::" in proto:  # a chain such as filecache::s3://…: each layer takes the options named after it
         return fsspec.core.url_to_fs(url, **_OPTIONS)
-    return fsspec.core.url_to_fs(url, **_OPTIONS.get(proto, {}))
+    options = _OPTIONS.get(proto, {})
+    if proto in ("s3", "s3a") and "session" not in options:
+        options = _with_aws_session(options)
+    return fsspec.core.url_to_fs(url, **options)
+
+
+#: the botocore data loader (service models parsed from their JSON files) of the first S3 session
+#: made in this process tree, and this process's sessions by their arguments
+_AWS_LOADER: list[Any] = []
+_AWS_SESSIONS: dict[tuple, Any] = {}
+_AWS_LOCK = threading.Lock()
+
+
+@functools.cache
+def _s3fs_arguments() -> frozenset[str]:
+    import inspect
+
+    import s3fs
+
+    named = set(inspect.signature(s3fs.S3FileSystem.__init__).parameters)
+    return frozenset(named | {"use_listings_cache", "listings_expiry_time", "max_paths"})  # s3fs hands these on
+
+
+def _with_aws_session(options: dict[str, Any]) -> dict[str, Any]:
+    """s3fs ``options`` with the aiobotocore session it would make itself, except that every session
+    shares one botocore data loader. A dataloader worker is a fresh process whose first S3 client
+    would parse the service models again: about 0.1 s of CPU per worker, and workers start anew
+    with every pass over the data. Forked workers inherit the loader already filled by the main
+    process; credentials, config and connections stay each process's own."""
+    import aiobotocore.session
+
+    named = _s3fs_arguments()
+    own = {k: v for k, v in options.items() if k not in named}  # what s3fs passes to AioSession
+    key = (os.getpid(), repr(sorted(own.items())))
+    with _AWS_LOCK:
+        session = _AWS_SESSIONS.get(key)
+        if session is None:
+            session = _AWS_SESSIONS[key] = aiobotocore.session.AioSession(**own)
+            if _AWS_LOADER:
+                session.register_component("data_loader", _AWS_LOADER[0])
+            else:
+                _AWS_LOADER.append(session.get_component("data_loader"))
+    return {**{k: v for k, v in options.items() if k in named}, "session": session}
 
 
 SECRET = re.compile(r"secret|token|password|passwd|credential|key$|^key|signature|session", re.IGNORECASE)
@@ -202,8 +246,6 @@ def open_bytes(path: str):
 
 
 def exists(path: str) -> bool:
-    import os
-
     if path.startswith(PIPE):
         return True
     if not is_url(path):
