@@ -3,6 +3,7 @@ Hugging Face ``datasets`` streaming over the same webdataset shards, with the sa
 
     python bench/data.py [--shards data/starter/fmnist/train] [--batch-size 256] [--workers 0 2]
                          [--size 28] [--channels 1] [--repeats 3] [--batches N] [--plain-tar]
+                         [--remote [--cache]]
 
 Both sides read the same tar files, decode with ``modalities.image`` (``decode``, then ``transform``
 with the generator ``pipeline.data.seeding.sample_rng(seed, epoch, "image:<shard file>:<key>")``), collate
@@ -21,6 +22,11 @@ Each timed run is a fresh pass from the first batch to the end of the epoch (or 
 worker start-up included; ``torch.set_num_threads(1)`` everywhere. Runs are interleaved
 (repeat → workers → loader) so that machine noise hits both loaders alike; the table shows the
 median over repeats, the range, and samples per CPU-second (main process + reaped workers).
+
+``--remote`` adds our loader over the same shard folder served on loopback by ``tests/servers.py``
+(HTTP with ranges) and by moto's S3 server, each in its own process; its CPU time is not counted in
+samples per CPU-second but shows in "other load". First it prints how fast each server hands over
+the files outside the loader. ``--cache`` adds S3 through ``loader.cache``, cold and warm.
 """
 
 from __future__ import annotations
@@ -75,11 +81,11 @@ def cpu_seconds() -> float:
 # -- ours ---------------------------------------------------------------------------------------
 
 
-def ours_batches(args, workers: int, spec: str | None = None):
+def ours_batches(args, workers: int, spec: str | None = None, cache: Path | None = None):
     loader = StreamingLoader(
         {"bench": SourceConfig(shards=spec or args.shard_spec, modalities=["image"], label=args.label)},
         LoaderConfig(batch_size=args.batch_size, num_workers=workers, epochs=1, augment=True,
-                     prefetch_factor=PREFETCH),
+                     prefetch_factor=PREFETCH, cache={"dir": str(cache), "max_bytes": 1 << 40} if cache else None),
         {"image": ImageConfig(size=args.size, channels=args.channels)},
         seed=args.seed,
     )
@@ -230,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--remote", action="store_true",
                    help="also time ours reading the same shards from a loopback HTTP server and a moto S3 server "
                         "(each in its own process)")
+    p.add_argument("--cache", action="store_true",
+                   help="with --remote: also time S3 through loader.cache, emptied before each run (cold: every "
+                        "shard downloaded and kept) and filled beforehand (warm: read from the copies)")
     p.add_argument("--profile", type=int, metavar="WORKERS", default=None,
                    help="instead of benchmarking, cProfile one epoch of ours with this num_workers (0 profiles everything)")
     args = p.parse_args(argv)
@@ -249,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.remote:
             servers = serve_remote(args)
             args.loaders = [*args.loaders, "http", "s3"]
+            store_speed(args)
+            if args.cache:
+                tmp = tmp or Path(tempfile.mkdtemp(prefix="bench-cache-"))
+                args.cold, args.warm = tmp / "cold", tmp / "warm"
+                fill(args.s3_spec, args.warm)
+                args.loaders = [*args.loaders, "s3-cold", "s3-warm"]
         if args.profile is not None:
             return profile(args)
         return bench(args, total)
@@ -293,6 +308,54 @@ def serve_remote(args) -> list:
     return [http, s3]
 
 
+def store_speed(args, repeats: int = 3) -> None:
+    """How fast each store hands over the shard files, outside the loader: local reads, a plain GET per
+    file from each server (fsspec for HTTP, boto3 ``get_object`` for S3), and ``RemoteFile`` read in the
+    tar reader's 256 KiB pieces. The best of ``repeats`` passes over every file."""
+    import boto3
+    import fsspec
+
+    from pipeline.data.remote import RemoteFile
+
+    folder = Path(args.shard_spec)
+    names = [Path(f).name for f in args.files]
+    total = sum((folder / n).stat().st_size for n in names)
+    http_base, client, http = args.http_spec.rsplit("/", 1)[0], boto3.client("s3"), fsspec.filesystem("http")
+
+    def piecewise(url: str) -> None:
+        with RemoteFile(url) as f:
+            while f.read(1 << 18):
+                pass
+
+    ways = {"local disk (open().read())": lambda n: (folder / n).read_bytes(),
+            "HTTP, one GET per file (fsspec cat_file)": lambda n: http.cat_file(f"{http_base}/{n}"),
+            "HTTP, RemoteFile": lambda n: piecewise(f"{http_base}/{n}"),
+            "S3, one GET per file (boto3 get_object)":
+                lambda n: client.get_object(Bucket="bench", Key=f"shards/{n}")["Body"].read(),
+            "S3, RemoteFile (s3fs)": lambda n: piecewise(f"{args.s3_spec}/{n}")}
+    print(f"store speed, {len(names)} files, {total / 1e6:.1f} MB, best of {repeats}:")
+    for label, read in ways.items():
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for n in names:
+                read(n)
+            best = min(best, time.perf_counter() - t)
+        print(f"  {label}: {total / best / 1e6:.0f} MB/s ({best * 1000 / len(names):.1f} ms per file)")
+
+
+def fill(spec: str, folder: Path) -> None:
+    """Every shard of ``spec`` read once through a ``ShardCache`` in ``folder``, which keeps them."""
+    from pipeline.data.cache import ShardCache
+
+    cache = ShardCache(folder, 1 << 40)
+    for shard in open_shards(spec).shards:
+        for _ in iter_samples(shard.path, cache=cache, sha256=shard.sha256):
+            pass
+    if cache.kept != len(open_shards(spec).shards):
+        raise SystemExit(f"{folder}: {cache.kept} shards kept, expected all")
+
+
 def profile(args) -> int:
     import cProfile
     import pstats
@@ -311,8 +374,13 @@ def bench(args, total: int) -> int:
     import datasets
     import PIL
 
+    def cold(a, w):
+        shutil.rmtree(a.cold, ignore_errors=True)
+        return ours_batches(a, w, a.s3_spec, a.cold)
+
     makers = {"ours": ours_batches, "hf": hf_batches,
-              "http": lambda a, w: ours_batches(a, w, a.http_spec), "s3": lambda a, w: ours_batches(a, w, a.s3_spec)}
+              "http": lambda a, w: ours_batches(a, w, a.http_spec), "s3": lambda a, w: ours_batches(a, w, a.s3_spec),
+              "s3-cold": cold, "s3-warm": lambda a, w: ours_batches(a, w, a.s3_spec, a.warm)}
     if "hf" in args.loaders:
         t = time.perf_counter()
         args.hf_ds, image_key = hf_dataset(args)
@@ -353,7 +421,8 @@ def bench(args, total: int) -> int:
             first = statistics.median(x["first"] for x in xs)
             other = max(x["other"] for x in xs)
             label = {"ours": "ours (StreamingLoader)", "http": "ours over HTTP (loopback server)",
-                     "s3": "ours over S3 (moto server)"}.get(name, f"HF datasets streaming ({args.hf_mode})")
+                     "s3": "ours over S3 (moto server)", "s3-cold": "ours over S3, loader.cache cold (filling)",
+                     "s3-warm": "ours over S3, loader.cache warm"}.get(name, f"HF datasets streaming ({args.hf_mode})")
             print(f"| {label} | {w} | {rate(name, w):.0f} | {min(rates):.0f}–{max(rates):.0f} | {cpu:.0f} | {first:.2f} | {other:.2f} |")
     if max(x["other"] for xs in runs.values() for x in xs) > 0.2:
         print("WARNING: other processes used CPU during some runs ('other load', in cores); wall-clock rates "
@@ -364,12 +433,14 @@ def bench(args, total: int) -> int:
         print("|---|---|")
         for w in args.workers:
             print(f"| {w} | {rate('ours', w) / rate('hf', w):.2f}× |")
-    if "http" in args.loaders and "ours" in args.loaders:
+    remote = [n for n in ("http", "s3", "s3-cold", "s3-warm") if n in args.loaders]
+    if remote and "ours" in args.loaders:
+        names = {"http": "HTTP", "s3": "S3", "s3-cold": "S3 cache cold", "s3-warm": "S3 cache warm"}
         print()
-        print("| workers | HTTP / local | S3 / local |")
-        print("|---|---|---|")
+        print("| workers | " + " | ".join(f"{names[n]} / local" for n in remote) + " |")
+        print("|---|" + "---|" * len(remote))
         for w in args.workers:
-            print(f"| {w} | {rate('http', w) / rate('ours', w):.2f}× | {rate('s3', w) / rate('ours', w):.2f}× |")
+            print(f"| {w} | " + " | ".join(f"{rate(n, w) / rate('ours', w):.2f}×" for n in remote) + " |")
     if "ours" in args.loaders and 0 in args.workers:
         xs = runs[("ours", 0)]
         per_core = rate("ours", 0)

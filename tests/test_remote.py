@@ -4,6 +4,7 @@ s3fs, and ``pipe:`` commands. Each store is a real server on loopback."""
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -173,6 +174,54 @@ def test_read_ahead_keeps_the_order(local):
         plain = [k for b in loader(spec, read_ahead=0) for k in b["__key__"]]
         assert ahead == plain and Counter(ahead) == ALL
         assert plain == [k for b in loader(str(local / "shards")) for k in b["__key__"]]  # as from local disk
+
+
+def test_read_ahead_hands_over_errors_in_place_and_closes_when_abandoned():
+    closed = []
+
+    def samples(n, fail_at=None):
+        try:
+            for i in range(n):
+                if i == fail_at:
+                    raise OSError(f"broken at {i}")
+                yield {"__key__": i}
+        finally:
+            closed.append(n)
+
+    assert [s["__key__"] for s in remote.read_ahead(samples(50), 4)] == list(range(50))
+    got = []
+    with pytest.raises(OSError, match="broken at 13"):
+        for s in remote.read_ahead(samples(50, fail_at=13), 4):
+            got.append(s["__key__"])
+    assert got == list(range(13))
+    ahead = remote.read_ahead(samples(10_000), 8)
+    assert [s["__key__"] for s in islice(ahead, 3)] == [0, 1, 2]
+    ahead.close()  # the consumer stops early: the reader stops too and closes its source
+    deadline = time.time() + 10
+    while 10_000 not in closed and time.time() < deadline:
+        time.sleep(0.01)
+    assert 10_000 in closed
+
+
+def test_s3_sessions_share_one_botocore_loader_across_workers(s3):
+    """A forked worker's S3 client reuses the service models the main process parsed."""
+    import multiprocessing
+
+    fs, _ = remote.filesystem(f"{s3}/manifest.json")
+    parent = id(fs.session.get_component("data_loader"))
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child, text = pool.apply(_worker_loader, (f"{s3}/manifest.json",))
+    assert child == parent and json.loads(text)["total"] == 120
+    # arguments of the session itself (a profile) go to it, the others to s3fs
+    options = remote._with_aws_session({"endpoint_url": "http://127.0.0.1:9", "profile": "other"})
+    assert options["endpoint_url"] == "http://127.0.0.1:9" and options["session"].profile == "other"
+    assert "profile" not in options
+
+
+def _worker_loader(url: str) -> tuple[int, str]:
+    fs, _ = remote.filesystem(url)
+    text = remote.read_text(url)
+    return id(fs.session.get_component("data_loader")), text
 
 
 def test_a_local_cache_serves_later_reads(local, tmp_path):

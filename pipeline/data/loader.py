@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import ByteSize, Field, model_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from modalities.base import Modality
 from pipeline import registry
 from pipeline.config import Config, ConfigError
+from pipeline.data.cache import ShardCache
 from pipeline.data.ledger import open_ledger, truncate_ledger
 from pipeline.data.remote import is_url, read_ahead, set_storage_options
 from pipeline.data.resume import Topology, resume
@@ -87,6 +88,15 @@ class SourceConfig(Config):
         return held == (self.part == "holdout")
 
 
+class CacheConfig(Config):
+    """A local folder that keeps copies of remote shards (``pipeline.data.cache``)."""
+
+    #: folder of the copies, on a local disk; workers and runs on one machine may share it
+    dir: str
+    #: the most the copies may take (``200GB``, ``1.5GiB`` or bytes); the least recently read go first
+    max_bytes: ByteSize = Field(gt=0)
+
+
 class LoaderConfig(Config):
     batch_size: int = Field(64, ge=1)  # per process
     num_workers: int = Field(2, ge=0)
@@ -109,6 +119,9 @@ class LoaderConfig(Config):
     storage_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: samples of each open remote unit fetched ahead in the background (0: none); local shards never
     read_ahead: int = Field(64, ge=0)
+    #: keep remote shards in a bounded local folder, e.g. ``{dir: /scratch/shards, max_bytes: 200GB}``:
+    #: later epochs and runs read them from disk; None reads the store every time
+    cache: CacheConfig | None = None
 
 
     @model_validator(mode="after")
@@ -125,9 +138,9 @@ class _SourceReader:
     """The sample sequence of one source within one stream; advances ``cursor`` as it reads."""
 
     def __init__(self, name: str, src: SourceConfig, shards: ShardSet, cursor: SourceCursor, plan, stream: int,
-                 cfg: LoaderConfig, seed: int, exts: frozenset[str] | None = None):
+                 cfg: LoaderConfig, seed: int, exts: frozenset[str] | None = None, cache: ShardCache | None = None):
         self.name, self.src, self.shards, self.cursor, self.plan = name, src, shards, cursor, plan
-        self.stream, self.cfg, self.seed, self.exts = stream, cfg, seed, exts
+        self.stream, self.cfg, self.seed, self.exts, self.cache = stream, cfg, seed, exts, cache
         self._open: dict[tuple, Iterator] = {}
         #: (samples, reason) skipped since the last batch, reported with it
         self.skips: list[tuple[int, str]] = []
@@ -178,7 +191,8 @@ class _SourceReader:
         it = self._open.get(key)
         if it is None:
             shard = self.shards.shards[unit.shard]
-            it = iter_samples(shard.path, unit.start, unit.stop, self.exts, offsets=shard.offsets)
+            it = iter_samples(shard.path, unit.start, unit.stop, self.exts, offsets=shard.offsets, cache=self.cache,
+                              sha256=shard.sha256)
             if self.cfg.read_ahead and is_url(shard.path):
                 it = read_ahead(it, self.cfg.read_ahead)
             self._open[key] = it
@@ -204,9 +218,10 @@ class StreamingDataset(IterableDataset):
         stream = ld.rank * ld.workers_per_rank + local
         state = ld.position.streams[stream].clone()
         mods = {m: registry.modality(m)(ld.modality_cfgs.get(m)) for src in ld.sources.values() for m in src.modalities}
+        cache = ShardCache(ld.cfg.cache.dir, ld.cfg.cache.max_bytes) if ld.cfg.cache else None
         readers = {
             name: _SourceReader(name, src, ld.shardsets[name], state.sources[name], ld.planner(name), stream, ld.cfg,
-                                ld.seed, needed_extensions(src, mods))
+                                ld.seed, needed_extensions(src, mods), cache)
             for name, src in ld.sources.items()
         }
         alive = list(ld.sources)

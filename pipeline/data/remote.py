@@ -16,8 +16,10 @@ files (``AWS_ENDPOINT_URL``, ``~/.aws``, …) or ``storage_options`` given to ``
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import queue
+import functools
+import os
 import re
 import subprocess
 import threading
@@ -57,7 +59,49 @@ def filesystem(url: str):
     proto = url.split("://", 1)[0]
     if "::" in proto:  # a chain such as filecache::s3://…: each layer takes the options named after it
         return fsspec.core.url_to_fs(url, **_OPTIONS)
-    return fsspec.core.url_to_fs(url, **_OPTIONS.get(proto, {}))
+    options = _OPTIONS.get(proto, {})
+    if proto in ("s3", "s3a") and "session" not in options:
+        options = _with_aws_session(options)
+    return fsspec.core.url_to_fs(url, **options)
+
+
+#: the botocore data loader (service models parsed from their JSON files) of the first S3 session
+#: made in this process tree, and this process's sessions by their arguments
+_AWS_LOADER: list[Any] = []
+_AWS_SESSIONS: dict[tuple, Any] = {}
+_AWS_LOCK = threading.Lock()
+
+
+@functools.cache
+def _s3fs_arguments() -> frozenset[str]:
+    import inspect
+
+    import s3fs
+
+    named = set(inspect.signature(s3fs.S3FileSystem.__init__).parameters)
+    return frozenset(named | {"use_listings_cache", "listings_expiry_time", "max_paths"})  # s3fs hands these on
+
+
+def _with_aws_session(options: dict[str, Any]) -> dict[str, Any]:
+    """s3fs ``options`` with the aiobotocore session it would make itself, except that every session
+    shares one botocore data loader. A dataloader worker is a fresh process whose first S3 client
+    would parse the service models again: about 0.1 s of CPU per worker, and workers start anew
+    with every pass over the data. Forked workers inherit the loader already filled by the main
+    process; credentials, config and connections stay each process's own."""
+    import aiobotocore.session
+
+    named = _s3fs_arguments()
+    own = {k: v for k, v in options.items() if k not in named}  # what s3fs passes to AioSession
+    key = (os.getpid(), repr(sorted(own.items())))
+    with _AWS_LOCK:
+        session = _AWS_SESSIONS.get(key)
+        if session is None:
+            session = _AWS_SESSIONS[key] = aiobotocore.session.AioSession(**own)
+            if _AWS_LOADER:
+                session.register_component("data_loader", _AWS_LOADER[0])
+            else:
+                _AWS_LOADER.append(session.get_component("data_loader"))
+    return {**{k: v for k, v in options.items() if k in named}, "session": session}
 
 
 SECRET = re.compile(r"secret|token|password|passwd|credential|key$|^key|signature|session", re.IGNORECASE)
@@ -202,8 +246,6 @@ def open_bytes(path: str):
 
 
 def exists(path: str) -> bool:
-    import os
-
     if path.startswith(PIPE):
         return True
     if not is_url(path):
@@ -248,42 +290,59 @@ def read_ahead(samples: Iterator[dict], depth: int) -> Iterator[dict]:
     """``samples`` read by a background thread up to ``depth`` samples ahead of the consumer: the
     next bytes of a remote shard arrive while the current batch is decoded. Order and content are
     unchanged (the loader's position counts what the consumer took); an error reaches the consumer
-    at the sample where it happened."""
-    box: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
+    at the sample where it happened.
+
+    The reader refills in bursts: once ``depth`` samples wait, it sleeps until the consumer has
+    taken half of them. Handing over one sample per wake-up (a plain bounded queue) makes the two
+    threads trade the interpreter lock for every sample, which on loopback stores cost more than
+    the read-ahead saved."""
+    buf: collections.deque = collections.deque()
+    cond = threading.Condition()
+    low = depth // 2
+    end: list[BaseException | None] = []  # set once by the reader: [None] at the end, [error] on a fault
+    stop = False
 
     def pump() -> None:
+        error = None
         try:
             for sample in samples:
-                while not stop.is_set():
-                    try:
-                        box.put((sample, None), timeout=0.5)
+                with cond:
+                    while len(buf) >= depth and not stop:
+                        cond.wait(0.5)
+                    if stop:
                         break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            box.put((done, None))
+                    buf.append(sample)
+                    if len(buf) == 1:
+                        cond.notify()  # the consumer may be waiting for it
         except BaseException as e:  # noqa: BLE001 (handed to the consumer, who raises it)
-            box.put((done, e))
+            error = e
         finally:
+            with cond:
+                end.append(error)
+                cond.notify()
             close = getattr(samples, "close", None)
-            if stop.is_set() and close is not None:
+            if stop and close is not None:
                 close()
 
     thread = threading.Thread(target=pump, daemon=True, name="read-ahead")
     thread.start()
     try:
         while True:
-            sample, error = box.get()
-            if error is not None:
-                raise error
-            if sample is done:
-                return
+            with cond:
+                while not buf and not end:
+                    cond.wait()
+                if not buf:
+                    if end[0] is not None:
+                        raise end[0]
+                    return
+                sample = buf.popleft()
+                if len(buf) == low:
+                    cond.notify()  # the reader may be waiting for room
             yield sample
     finally:
-        stop.set()
+        with cond:
+            stop = True
+            cond.notify()
 
 
 def upload(folder, url: str, names: list[str]) -> None:

@@ -17,12 +17,15 @@ import zlib
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ConfigError
 from pipeline.data import remote
 from pipeline.data.paths import escape, inside
 from pipeline.data.tarstream import TarStream, split_member
+
+if TYPE_CHECKING:
+    from pipeline.data.cache import ShardCache
 
 MANIFEST = "manifest.json"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -194,20 +197,23 @@ def read_manifest(path: Path | str) -> ShardSet:
 
 def iter_samples(path: str, start: int = 0, stop: int | None = None, exts: Collection[str] | None = None,
                  on_other: Callable[[str, str], None] | None = None,
-                 offsets: Sequence[int] = ()) -> Iterator[dict[str, Any]]:
+                 offsets: Sequence[int] = (), cache: ShardCache | None = None,
+                 sha256: str | None = None) -> Iterator[dict[str, Any]]:
     """Samples ``start..stop`` of one shard, in tar order, as ``{"__key__", "__index__", ext: bytes}``.
     Samples before ``start`` are stepped over without reading their data. With ``exts``, members of
     other extensions are stepped over too and appear in the sample as None, so a sample still
     shows everything its shard holds. Links and other special members are stepped over; ``on_other``
     hears of each (name, kind). With the shard's ``offsets`` (from its manifest), reading starts at
-    sample ``start``'s byte instead of walking the headers before it."""
+    sample ``start``'s byte instead of walking the headers before it. With a ``cache``, a URL is read
+    from its local copy, or from the store keeping one (``sha256``, the manifest's, names the copy)."""
     key, sample, index = None, {}, -1
     stream = None
     at = offsets[start] if start and len(offsets) > start and not path.endswith((".gz", ".tgz")) else 0
     if at:
         index = start - 1
     try:
-        stream = TarStream(path, on_other, at)
+        raw = cache.open(path, sha256) if cache is not None and remote.is_url(path) else None
+        stream = TarStream(path, on_other, at, raw)
         while (member := stream.next_member()) is not None:
             name, size = member
             name_key, ext = split_member(name)
@@ -216,6 +222,7 @@ def iter_samples(path: str, start: int = 0, stop: int | None = None, exts: Colle
                     yield sample
                 key, index = name_key, index + 1
                 if stop is not None and index >= stop:
+                    stream.finish()  # a slice ends here; reached when asked past its last sample (read-ahead)
                     return
                 sample = {"__key__": key, "__index__": index}
             if index < start:
@@ -225,6 +232,7 @@ def iter_samples(path: str, start: int = 0, stop: int | None = None, exts: Colle
             else:
                 stream.skip(size)
                 sample[ext] = None
+        stream.finish()
         if key is not None and index >= start and (stop is None or index < stop):
             yield sample
     except (ShardError, EOFError, zlib.error, OSError, ValueError) as e:

@@ -39,14 +39,15 @@ class TarStream:
     header through ``gzip.GzipFile`` would cost tens of microseconds per member. Only name, size
     and type are parsed. Members the caller does not want are stepped over in the buffer."""
 
-    def __init__(self, path: str, on_other=None, start: int = 0):
+    def __init__(self, path: str, on_other=None, start: int = 0, raw=None):
         from pipeline.data.remote import open_bytes
 
         self.path = path
         #: called with (name, kind) for each member that is neither a file nor a folder (links,
         #: devices, fifos): readers step over them, a checker reports them
         self.on_other = on_other
-        self.raw = open_bytes(path)  # closed by close(): a local file, a URL or a pipe: command
+        # closed by close(): a local file, a URL, a pipe: command, or the stream ``raw`` opened for ``path``
+        self.raw = open_bytes(path) if raw is None else raw
         if start:  # a byte offset from the manifest: only an uncompressed tar can be entered there
             self.raw.seek(start)
             self.gz = None
@@ -72,6 +73,13 @@ class TarStream:
 
     def close(self) -> None:
         self.raw.close()
+
+    def finish(self) -> None:
+        """The reader is done with this shard: a stream that keeps a local copy of it
+        (``pipeline.data.cache``) reads the rest of the file into the copy; others do nothing."""
+        finish = getattr(self.raw, "finish", None)
+        if finish is not None:
+            finish()
 
     def _next_chunk(self) -> bytes:
         """The next piece of the tar byte stream; b"" at the end of the file."""
