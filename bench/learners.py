@@ -118,30 +118,16 @@ class Ours:
 
     def build(self, accelerator):
         from pipeline.config import ConfigError
-        from pipeline.data.loader import StreamingLoader
-        from pipeline.encoders import saved
-        from pipeline.encoders.base import EncoderConfig
-        from pipeline.train.learner import Learner
         from stages import pretrain
 
         cfg, ctx = self.cfg, self.ctx
         built = {name: pretrain.objective_config(name, s) for name, s in cfg.objectives.items()}
-        torch.manual_seed(ctx.seed)
         needed = sorted({m for _, _, ocfg in built.values() for m in ocfg.reads()})
         if "image" not in needed:
             raise ConfigError(f"the stage trains {', '.join(needed)}; the benchmark needs an image encoder")
-        mods, encoders = {}, {}
-        for m in needed:
-            mods[m], encoders[m] = pretrain.build_encoder(m, cfg.encoders.get(m, EncoderConfig()), ctx)
-        objectives = {}
-        for name, (kind, module, ocfg) in built.items():
-            objectives[name] = module.Objective(ocfg, encoders, name, ctx.seed)
-            if ocfg.init_from:
-                saved.load_heads_into(objectives[name], kind, ctx.path(ocfg.init_from), f"objectives.{name}")
-        learner = Learner(encoders, objectives)
-        loader = StreamingLoader(pretrain._sources(cfg, ctx, needed), cfg.loader, {m: mods[m].cfg for m in needed},
-                                 seed=ctx.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                 base_dir=ctx.base_dir)
+        torch.manual_seed(ctx.seed)
+        mods, learner, loader = pretrain.assemble(cfg, ctx, built, accelerator)
+        encoders = learner.encoders
         self.modality, self.vit = mods["image"], encoders["image"].model.config
         self.encoder_cfg = encoders["image"].cfg
         return learner, loader

@@ -77,8 +77,6 @@ def run(cfg: Config, ctx: Context) -> dict:
     import torch
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    from pipeline.data.loader import StreamingLoader
-    from pipeline.train.learner import Learner
     from pipeline.train.loop import train
 
     built = {name: objective_config(name, s) for name, s in cfg.objectives.items()}  # name → (kind, module, cfg)
@@ -89,6 +87,22 @@ def run(cfg: Config, ctx: Context) -> dict:
                  accelerator.distributed_type.value, accelerator.mixed_precision, accelerator.device.type)
     torch.manual_seed(ctx.seed)  # the same initial weights on every process and every run
 
+    mods, learner, loader = assemble(cfg, ctx, built, accelerator)
+    resolved = cfg.model_dump(mode="json")
+    probe = _probe(cfg, ctx, {m: mod.cfg for m, mod in mods.items()})
+    summary = train(learner, loader, cfg, ctx.out_dir, accelerator, resolved, progress=ctx.progress, probe=probe)
+    export(learner, mods, {name: kind for name, (kind, _, _) in built.items()}, ctx.out_dir, accelerator)
+    ctx.log.info("trained %d steps; encoders in %s, heads in %s", summary["step"], ctx.out_dir / "encoders",
+                 ctx.out_dir / "heads")
+    return summary
+
+
+def assemble(cfg: Config, ctx: Context, built: dict, accelerator):
+    """(modalities, learner, loader) of the stage: its encoders, its objectives (``built``: name →
+    (kind, module, config)) continuing from any ``init_from`` heads, and this process's loader."""
+    from pipeline.data.loader import StreamingLoader
+    from pipeline.train.learner import Learner
+
     needed = sorted({m for _, _, ocfg in built.values() for m in ocfg.reads()})
     mods, encoders = {}, {}
     for m in needed:
@@ -98,16 +112,9 @@ def run(cfg: Config, ctx: Context) -> dict:
         objectives[name] = module.Objective(ocfg, encoders, name, ctx.seed)
         if ocfg.init_from:
             saved.load_heads_into(objectives[name], kind, ctx.path(ocfg.init_from), f"objectives.{name}")
-    learner = Learner(encoders, objectives)
     loader = StreamingLoader(_sources(cfg, ctx, needed), cfg.loader, {m: mods[m].cfg for m in needed}, seed=ctx.seed,
                              rank=accelerator.process_index, world_size=accelerator.num_processes, base_dir=ctx.base_dir)
-    resolved = cfg.model_dump(mode="json")
-    probe = _probe(cfg, ctx, {m: mods[m].cfg for m in needed})
-    summary = train(learner, loader, cfg, ctx.out_dir, accelerator, resolved, progress=ctx.progress, probe=probe)
-    export(learner, mods, {name: kind for name, (kind, _, _) in built.items()}, ctx.out_dir, accelerator)
-    ctx.log.info("trained %d steps; encoders in %s, heads in %s", summary["step"], ctx.out_dir / "encoders",
-                 ctx.out_dir / "heads")
-    return summary
+    return mods, Learner(encoders, objectives), loader
 
 
 def _probe(cfg: Config, ctx: Context, mod_cfgs: dict):
