@@ -2,7 +2,8 @@
 
 Augmentation is random-resized-crop + horizontal flip, done on the PIL image in one resampling
 call (crop box and resize together), which keeps per-sample cost to a few microseconds on small
-images; normalization happens once per batch. The encoder is a ViT over square patches
+images, then, where asked, colour jitter (brightness, contrast, saturation, torchvision's
+``ColorJitter`` factors in a random order) on the uint8 pixels; normalization happens once per batch. The encoder is a ViT over square patches
 (``pipeline.encoders.base``).
 """
 
@@ -38,6 +39,12 @@ class ImageConfig(ModalityConfig):
     crop_scale: tuple[float, float] = (0.35, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True
+    #: colour jitter (train only): each factor is drawn from [1 - x, 1 + x]; 0 leaves it out
+    brightness: float = Field(0.0, ge=0, le=1)
+    contrast: float = Field(0.0, ge=0, le=1)
+    saturation: float = Field(0.0, ge=0, le=1)
+    #: chance that a sample is jittered at all (SimCLR's 0.8)
+    jitter_p: float = Field(0.8, ge=0, le=1)
     #: per-channel normalization; None means 0.5 for every channel
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -51,7 +58,8 @@ class Modality(Base):
     name = "image"
     extensions = ("jpg", "jpeg", "png", "webp")
     Config = ImageConfig
-    free_keys = frozenset({"crop_scale", "crop_ratio", "hflip", "write_format", "max_pixels"})  # augmentation, limits
+    free_keys = frozenset({"crop_scale", "crop_ratio", "hflip", "brightness", "contrast", "saturation", "jitter_p",
+                           "write_format", "max_pixels"})  # augmentation, limits
 
     def __init__(self, cfg: ImageConfig | None = None):
         super().__init__(cfg)
@@ -96,6 +104,9 @@ class Modality(Base):
         # A writable buffer of the pixels; numpy reshapes it for a fraction of the cost of a
         # tensor view, and ``from_numpy`` shares the memory.
         arr = np.frombuffer(bytearray(_resized_pixels(img, size, box, flip)), np.uint8).reshape(size, size, -1)
+        c = self.cfg
+        if rng is not None and (c.brightness or c.contrast or c.saturation) and rng.random() < c.jitter_p:
+            arr = _jitter(arr, c.brightness, c.contrast, c.saturation, rng)
         return torch.from_numpy(arr)  # [H, W, C] uint8
 
     def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
@@ -150,6 +161,31 @@ def _resized_pixels(img: Image.Image, size: int, box: tuple, flip: bool) -> byte
     if status < 0:
         raise RuntimeError(f"encoder error {status} reading resized pixels")
     return b"".join(chunks)
+
+
+#: luma weights of torchvision's ``rgb_to_grayscale`` (ITU-R 601)
+_LUMA = np.array([0.2989, 0.587, 0.114], np.float32)
+
+
+def _jitter(arr: np.ndarray, brightness: float, contrast: float, saturation: float,
+            rng: random.Random) -> np.ndarray:
+    """Brightness (scale), contrast (blend with the mean grey level) and saturation (blend with
+    the grey image; RGB only) of ``arr`` [H, W, C] uint8, each factor uniform in [1 - x, 1 + x],
+    applied in a random order; the result is clipped to [0, 255] after each, as torchvision does."""
+    ops = [(k, rng.uniform(max(0.0, 1 - x), 1 + x)) for k, x in
+           (("b", brightness), ("c", contrast), ("s", saturation)) if x and (k != "s" or arr.shape[2] == 3)]
+    rng.shuffle(ops)
+    x = arr.astype(np.float32)
+    for kind, f in ops:
+        grey = x if x.shape[2] == 1 else (x @ _LUMA)[..., None]
+        if kind == "b":
+            x = x * f
+        elif kind == "c":
+            x = f * x + (1 - f) * float(grey.mean())
+        else:
+            x = f * x + (1 - f) * grey
+        x = x.clip(0, 255)
+    return x.round().astype(np.uint8)
 
 
 def _too_large(ext: str, width: int, height: int, limit: int) -> ValueError:

@@ -9,6 +9,15 @@ heads), every figure beside its random-init, raw-input and chance baselines.
 ``--encoders`` is a pretrain stage directory, an exported directory or a stock transformers one;
 ``--data`` any shard set with standard keys (``png``/``jpg``, ``txt``, ``cls``, ``flac``/``wav``,
 ``json``). Without ``--train-data`` the probes train on half of ``--data`` (a key-hash split).
+
+Validation on a training split: ``--holdout 0.1`` tests on the share of each ``--data`` set that a
+recipe source with ``holdout: 0.1`` (and the same ``holdout_by``) holds out of pretraining, and
+trains the probes on the rest, so settings are chosen on samples no stage trained on:
+
+    selfsup evaluate --encoders runs/val/joint_image --data data/starter/fmnist/train --holdout 0.1 \
+        --task knn,linear_probe --out eval-val/
+    selfsup evaluate --encoders runs/val/clip_audio_text --data data/starter/speech/train \
+        --holdout 0.2 --holdout-by voice --task retrieval --out eval-val/   # whole voices held out
 In a recipe, ``encoders`` and ``data`` may be lists: every encoder directory is evaluated on every
 set holding one of its modalities. Writes ``report.json`` (``pipeline/evaluation/report.schema.json``),
 ``report.html`` and ``cache/`` (embeddings, reused when nothing changed).
@@ -34,6 +43,12 @@ class Config(StageConfig):
     train_data: str | list[str] | None = None
     #: comma-separated: knn, linear_probe, zero_shot, retrieval, finetune
     task: str | list[str] = Field(default_factory=lambda: ["knn", "linear_probe", "zero_shot", "retrieval"])
+    #: validation: test on this share of each --data set held out by hash (a recipe source's
+    #: ``holdout``), train the probes on the rest; not with --train-data
+    holdout: float = Field(0.0, ge=0, lt=1)
+    #: json field the holdout hashes instead of the key (``voice``: whole voices held out); a list
+    #: gives one per --data set (null: the key)
+    holdout_by: str | list[str | None] | None = None
     label_key: str = "cls"
     #: class names, one per line (line i names class i) for zero-shot
     classes: str | None = None
@@ -51,7 +66,7 @@ class Config(StageConfig):
     #: torch threads for the embedding passes (0: leave torch's default)
     threads: int = Field(0, ge=0)
 
-    @field_validator("encoders", "data", "train_data", "task", "class_key")
+    @field_validator("encoders", "data", "train_data", "task", "class_key", "holdout_by")
     @classmethod
     def _listed(cls, v):
         if isinstance(v, str):
@@ -72,6 +87,23 @@ class Config(StageConfig):
 
     def class_keys(self) -> list[str]:
         return list(self.class_key or [])
+
+    def splits(self) -> list[dict]:
+        """Per --data set, the source settings of its held-out part: {} where nothing is held out."""
+        if not self.holdout:
+            if self.holdout_by:
+                raise ConfigError("evaluate.holdout_by needs holdout: the share held out (e.g. 0.1)")
+            return [{} for _ in self.data]
+        if self.train_data:
+            raise ConfigError("evaluate.holdout splits --data into test (held out) and training (the rest); "
+                              "leave out train_data")
+        by = self.holdout_by or [None]
+        if len(by) == 1:
+            by = by * len(self.data)
+        if len(by) != len(self.data):
+            raise ConfigError(f"evaluate.holdout_by: {len(by)} fields for {len(self.data)} --data sets; "
+                              "give one field, or one per set (null: the key)")
+        return [{"holdout": self.holdout, "holdout_by": b or None} for b in by]
 
 
 def inputs(cfg: Config, ctx: Context) -> list[str]:
@@ -95,6 +127,7 @@ def run(cfg: Config, ctx: Context) -> dict:
         raise ConfigError(f"evaluate.train_data: {len(cfg.train_data)} sets for {len(cfg.data)} test sets; "
                           "give one training set per test set")
     cfg.tasks()
+    cfg.splits()
     resolved = cfg.model_copy(update={
         "encoders": [str(ctx.path(e)) for e in cfg.encoders], "data": [str(ctx.path(d)) for d in cfg.data],
         "train_data": [str(ctx.path(d)) for d in cfg.train_data] if cfg.train_data else None,

@@ -327,3 +327,48 @@ def test_transform_matches_pil_resize_and_flip(channels, size):
             got = mod.transform(img, rng)
             assert got.shape == (size, size, channels) and got.dtype == torch.uint8
             assert torch.equal(got, torch.from_numpy(np.asarray(want).reshape(size, size, -1).copy()))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("kind", ["brightness", "contrast", "saturation"])
+def test_jitter_matches_torchvision(channels, kind):
+    """Each jitter factor is torchvision's adjust_* on the same pixels (up to the final rounding)."""
+    import random
+
+    import numpy as np
+    import torchvision.transforms.functional as TF
+
+    from modalities.image import _jitter
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (9, 7, channels), dtype=np.uint8)
+    for f in (0.3, 0.9, 1.6):
+        x = f - 1 if f >= 1 else 1 - f
+        # a draw that yields exactly f: uniform(1 - x, 1 + x) at its end
+        r = random.Random()
+        r.uniform = lambda a, b, f=f: f
+        got = _jitter(arr, **{k: (x if k == kind else 0.0) for k in ("brightness", "contrast", "saturation")},
+                      rng=r)
+        t = torch.from_numpy(arr.astype(np.float32) / 255).permute(2, 0, 1)
+        if kind == "saturation" and channels == 1:
+            want = t  # no saturation in a grey image
+        else:
+            want = getattr(TF, f"adjust_{kind}")(t, f)
+        want = (want.permute(1, 2, 0).numpy() * 255)
+        assert got.dtype == np.uint8 and got.shape == arr.shape
+        assert np.abs(got.astype(np.float32) - want).max() <= 0.51, (kind, f)
+
+
+def test_jitter_is_drawn_from_the_view_rng():
+    """Views with jitter are a function of their rng; without jitter asked, the draws are unchanged."""
+    import random
+
+    from modalities.image import Modality
+
+    img = Modality(ImageConfig(size=8)).decode(png(3, size=12), "png")
+    plain = Modality(ImageConfig(size=8))
+    jit = Modality(ImageConfig(size=8, brightness=0.4, contrast=0.4, saturation=0.4, jitter_p=1.0))
+    a, b = jit.transform(img, random.Random(5)), jit.transform(img, random.Random(5))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, plain.transform(img, random.Random(5)))
+    assert torch.equal(jit.transform(img, None), plain.transform(img, None))  # eval: no jitter

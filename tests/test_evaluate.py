@@ -129,3 +129,40 @@ def test_embed_under_two_processes_gathers_the_same_rows_as_one(folder_shards, s
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+
+
+def test_holdout_validates_on_the_part_a_recipe_source_holds_out(folder_shards, stage_dir, tmp_path, capsys):
+    """``--holdout`` tests on exactly the samples a source with the same ``holdout`` leaves out of
+    pretraining, and trains the probes on the rest; by a json field, whole groups stay together."""
+    from pipeline.data.loader import SourceConfig
+    from pipeline.data.shards import iter_samples, open_shards
+    from pipeline.evaluation.embed import embed
+
+    samples = [s for sh in open_shards(str(folder_shards)).shards for s in iter_samples(sh.path)]
+    for by, share in ((None, 0.3), ("colour", 0.75)):  # 0.75: blue of the four colours
+        src = SourceConfig(shards=str(folder_shards), modalities=["image"], holdout=share, holdout_by=by)
+        held = {s["__key__"] for s in samples if not src.wanted(s)}
+        parts = {part: set(embed(stage_dir, str(folder_shards), modalities=["image"], progress=False,
+                                 split={"holdout": share, "holdout_by": by, "part": part}).features["image"].keys)
+                 for part in ("holdout", "rest")}
+        assert parts["holdout"] == held and 0 < len(held) < 48
+        assert parts["rest"] == {s["__key__"] for s in samples} - held
+        if by:
+            assert {json.loads(s["json"])["colour"] for s in samples if s["__key__"] in held} == {"blue"}
+    out = tmp_path / "val"
+    assert main(["evaluate", "--encoders", str(stage_dir), "--data", str(folder_shards), "--holdout", "0.3",
+                 "--task", "knn", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    validate(rep)
+    src = SourceConfig(shards=str(folder_shards), modalities=["image"], holdout=0.3)
+    rest = sum(src.wanted(s) for s in samples)
+    knn = [e for e in rep["entries"] if e["task"] == "knn"]
+    assert knn and all(e["n_train"] == rest and e["data"].endswith("(held out 30%)") for e in knn)
+    assert rep["runs"]["holdout"] == [{"holdout": 0.3, "holdout_by": None}]
+    # misuse is one line naming the setting
+    assert main(["evaluate", "--encoders", str(stage_dir), "--data", str(folder_shards), "--holdout", "0.3",
+                 "--train-data", str(folder_shards), "--task", "knn", "--out", str(tmp_path / "x")]) == 2
+    assert "evaluate.holdout" in capsys.readouterr().err
+    assert main(["evaluate", "--encoders", str(stage_dir), "--data", str(folder_shards), "--holdout", "0.3",
+                 "--holdout-by", "speaker", "--task", "knn", "--out", str(tmp_path / "y")]) != 0
+    assert "'speaker'" in capsys.readouterr().err

@@ -50,12 +50,15 @@ class Embedding:
 def embed(encoders: str | Path, data: str | list[str], *, modalities: list[str] | None = None,
           space: str = "encoder", label_key: str | None = "cls", batch_size: int = 64, num_workers: int = 0,
           accelerator=None, cache_dir: str | Path | None = None, progress: bool = True,
-          random_init: bool = False, seed: int = 0, limit: int | None = None) -> Embedding:
+          random_init: bool = False, seed: int = 0, limit: int | None = None,
+          split: dict | None = None) -> Embedding:
     """Embed every sample of ``data`` with the encoders of ``encoders`` (see the module docstring).
 
     modalities: those to embed (default: every encoder modality the samples hold). label_key: the
     shard key of integer labels, used where the samples have it. limit: embed at most this many
-    samples (a fixed, seeded pick of whole shards read in the loader's order), to keep probes' training side small."""
+    samples (a fixed, seeded pick of whole shards read in the loader's order), to keep probes' training side small.
+    split: a part of ``data`` only, as a recipe source reads it (``{holdout: 0.1, holdout_by: voice,
+    part: holdout}``, see ``pipeline.data.loader.SourceConfig``)."""
     if space not in SPACES:
         raise ConfigError(f"embed: space must be one of {', '.join(SPACES)}, got {space!r}")
     from pipeline.data.shards import open_shards
@@ -68,13 +71,13 @@ def embed(encoders: str | Path, data: str | list[str], *, modalities: list[str] 
     chosen = _choose(dirs, first, modalities, encoders, data)
     label = label_key if label_key and label_key in first else None
     settings = {"v": _CACHE_VERSION, "space": space, "modalities": chosen, "label": label, "random_init": random_init,
-                "seed": seed, "limit": limit}
+                "seed": seed, "limit": limit, **({"split": split} if split else {})}
     cache = _cache_file(cache_dir, dirs, chosen, shardset, settings) if cache_dir else None
     rank = accelerator.process_index if accelerator is not None else 0
     if cache is not None and cache.with_suffix(".json").is_file():
         return _read(cache)
     result = _compute(encoders, data, shardset, chosen, space, label, batch_size, num_workers, accelerator, progress,
-                      random_init, seed, limit)
+                      random_init, seed, limit, split or {})
     if cache is not None and rank == 0:
         _write(cache, result)
     return result
@@ -107,7 +110,7 @@ def _choose(dirs: dict, sample: dict, modalities, encoders, data) -> list[str]:
 
 
 def _compute(encoders, data, shardset, chosen, space, label, batch_size, num_workers, accelerator, progress,
-             random_init, seed, limit) -> Embedding:
+             random_init, seed, limit, split) -> Embedding:
     import torch
 
     from pipeline.data.loader import LoaderConfig, SourceConfig, StreamingLoader, to_device
@@ -128,7 +131,10 @@ def _compute(encoders, data, shardset, chosen, space, label, batch_size, num_wor
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     # the spec itself, not its file list: the loader then reads the counts from the manifest
     spec = [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data)
-    src = SourceConfig(shards=spec, modalities=chosen, label=label)
+    try:
+        src = SourceConfig(shards=spec, modalities=chosen, label=label, **split)
+    except ValueError as e:
+        raise ConfigError(f"--data {data}: {e}") from None
     share = None if limit is None else -(-limit // world)
     if share is not None:
         batch_size = min(batch_size, share)  # no decoding or forward passes past the limit
@@ -139,7 +145,8 @@ def _compute(encoders, data, shardset, chosen, space, label, batch_size, num_wor
                                  world_size=world)
         rows: dict[str, list[np.ndarray]] = {m: [] for m in chosen}
         labels: list[np.ndarray] = []
-        bar = _bar(min(shardset.total // world, share or shardset.total), progress and rank == 0)
+        whole = None if split else shardset.total // world  # a part's size is known once read
+        bar = _bar(min(x for x in (whole, share) if x is not None) if whole or share else None, progress and rank == 0)
         seen = 0
         with torch.no_grad():
             for batch in loader:

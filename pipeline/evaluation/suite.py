@@ -36,12 +36,13 @@ def run_suite(cfg, out_dir: Path, accelerator=None, progress: bool = True) -> di
     entries: list[dict] = []
     figures: dict = {"examples": []}
     used: set[str] = set()
+    splits = cfg.splits()
     for enc in cfg.encoders:
         mods = encoder_dirs(enc)
         heads = _clip_modalities(Path(enc))
         for i, test in enumerate(cfg.data):
             train = cfg.train_data[i] if cfg.train_data else None
-            pair = _Pair(cfg, enc, test, train, cache, progress, accelerator)
+            pair = _Pair(cfg, enc, test, train, cache, progress, accelerator, splits[i])
             if not pair.modalities(mods):
                 continue
             for m in pair.modalities(mods):
@@ -64,6 +65,7 @@ def run_suite(cfg, out_dir: Path, accelerator=None, progress: bool = True) -> di
                           f"({_why(missing[0])})")
     context = {"encoders": [str(e) for e in cfg.encoders], "data": [str(d) for d in cfg.data],
                "train_data": [str(d) for d in cfg.train_data or []], "tasks": list(tasks),
+               **({"holdout": splits} if cfg.holdout else {}),
                "seconds": time.perf_counter() - start}
     rep = report.write_report(out_dir, entries, context)
     curves = {Path(e).name: _metrics(Path(e)) for e in cfg.encoders if (Path(e) / "metrics.jsonl").is_file()}
@@ -102,17 +104,19 @@ def _metrics(stage: Path) -> list[dict]:
 class _Pair:
     """One encoder directory and one test set (with its training side): its embeddings, memoized."""
 
-    def __init__(self, cfg, enc, test, train, cache, progress, accelerator):
+    def __init__(self, cfg, enc, test, train, cache, progress, accelerator, split: dict):
         from pipeline.data.shards import iter_samples, open_shards
 
-        self.cfg, self.enc, self.test, self.train = cfg, enc, test, train
+        self.cfg, self.enc, self.test, self.train, self.held = cfg, enc, test, train, split
         self.kw = {"cache_dir": cache, "progress": progress, "accelerator": accelerator, "label_key": cfg.label_key,
                    "batch_size": cfg.batch_size}
         first = next(iter_samples(open_shards(test).shards[0].path, 0, 1), {})
         self.sample = first
         self.has_labels = bool(cfg.label_key) and cfg.label_key in first
         self.has_texts = "txt" in first
-        self.name = f"{Path(enc).name} on {_short(test)}"
+        self.data_name = _short(test) + (f" (held out {split['holdout']:.0%}" + (f" by {split['holdout_by']})"
+                                                                               if split.get("holdout_by") else ")")
+                                          if split else "")
 
     def modalities(self, mods: dict) -> list[str]:
         from pipeline import registry
@@ -120,15 +124,18 @@ class _Pair:
         return [m for m in mods if any(e in self.sample for e in registry.modality(m).extensions)]
 
     def emb(self, which: str, m: str, space: str = "encoder", random_init: bool = False) -> Features:
-        data = self.test if which == "test" else self.train
+        """Features of the test side or the training side; with a holdout, both are parts of the test set."""
+        data = self.test if which == "test" or self.held else self.train
         limit = self.cfg.max_test if which == "test" else self.cfg.max_train
+        split = {**self.held, "part": "holdout" if which == "test" else "rest"} if self.held else None
         return embed(self.enc, data, modalities=[m], space=space, random_init=random_init, limit=limit,
-                     seed=self.cfg.seed, **self.kw).features[m]
+                     seed=self.cfg.seed, split=split, **self.kw).features[m]
 
     def split(self, m: str, **kw) -> tuple[Features, Features]:
-        """(train, test) features: the training set's, or halves of the test set by key hash."""
+        """(train, test) features: the training set's, the rest and the held-out part of the test set
+        (``holdout``), or halves of the test set by key hash."""
         test = self.emb("test", m, **kw)
-        if self.train:
+        if self.train or self.held:
             return self.emb("train", m, **kw), test
         from pipeline.data.seeding import hash_int
 
@@ -153,12 +160,12 @@ class _Pair:
                 metric.extra["modality"] = m
                 out.append(report.entry(metric, baselines={"random_init": base_r.get(metric.name),
                                                            "raw_input": base_x.get(metric.name)},
-                                        encoder=f"{Path(self.enc).name}/{m}", data=_short(self.test),
+                                        encoder=f"{Path(self.enc).name}/{m}", data=self.data_name,
                                         n_train=len(trained[0]), seconds=seconds))
         if "map" not in figures and m != "text":
             names = self.class_names()
             figures["map"] = {"x": trained[1].x, "labels": trained[1].labels, "names": names,
-                              "title": f"{Path(self.enc).name}/{m} on {_short(self.test)}"}
+                              "title": f"{Path(self.enc).name}/{m} on {self.data_name}"}
             probe = next((e for e in out if e["task"] == "linear_probe"), None)
             if probe is not None:
                 ids = probe["extra"]["labels"]
@@ -198,7 +205,7 @@ class _Pair:
             results[rand] = (zero_shot.evaluate(zcfg, test.subset(keep), emb), time.perf_counter() - t0, len(test))
         base = {b.name: b.value for b in results[True][0]}
         return [report.entry(metric, baselines={"random_init": base.get(metric.name), "raw_input": None},
-                             encoder=f"{Path(self.enc).name}/{m}", data=_short(self.test), n_train=None,
+                             encoder=f"{Path(self.enc).name}/{m}", data=self.data_name, n_train=None,
                              seconds=results[False][1]) for metric in results[False][0]]
 
     def retrieval(self, m: str, figures: dict) -> list[dict]:
@@ -214,7 +221,7 @@ class _Pair:
                 figures["examples"] += _examples(self.test, items, gallery, m, 6 - len(figures["examples"]))
         base = {b.name: b.value for b in runs[True][0]}
         return [report.entry(metric, baselines={"random_init": base.get(metric.name), "raw_input": None},
-                             encoder=f"{Path(self.enc).name}/{m}+text", data=_short(self.test), n_train=None,
+                             encoder=f"{Path(self.enc).name}/{m}+text", data=self.data_name, n_train=None,
                              seconds=runs[False][1]) for metric in runs[False][0]]
 
     def finetune(self, m: str, out_dir: Path) -> list[dict]:
@@ -224,14 +231,15 @@ class _Pair:
             raise ConfigError("evaluate: task 'finetune' needs pipeline.evaluators.finetune, "
                               "which this installation lacks") from None
         if not self.train:
-            raise ConfigError("evaluate: task 'finetune' needs --train-data")
+            raise ConfigError("evaluate: task 'finetune' needs --train-data" + (" (it does not read holdout splits)"
+                                                                              if self.held else ""))
         fcfg = finetune.Config(**self.cfg.evaluators.get("finetune", {}))
         d = encoder_dirs(self.enc)[m]
         t0 = time.perf_counter()
         head_dir = out_dir / "heads" / f"{Path(self.enc).name}-{m}-{_short(self.test).replace('/', '_')}"
         metrics = finetune.run(fcfg, d, m, self.train, self.test, self.cfg.label_key, head_dir)
         return [report.entry(metric, baselines={"random_init": metric.extra.get("random_init"), "raw_input": None},
-                             encoder=f"{Path(self.enc).name}/{m}", data=_short(self.test), n_train=None,
+                             encoder=f"{Path(self.enc).name}/{m}", data=self.data_name, n_train=None,
                              seconds=time.perf_counter() - t0) for metric in metrics]
 
 
