@@ -4,13 +4,16 @@ batches ``[B, 1, n_mels, frames]``.
 File I/O is soundfile (no ffmpeg needed); resampling is ``torchaudio.functional.resample`` and the
 mel filterbank ``torchaudio.transforms.MelSpectrogram``, computed once per batch. Train-time
 augmentation is a random crop of long clips and a random time shift of short ones inside the
-zero-padded window. The encoder is a ViT over log-mel patches (``LogMelEncoder``).
+zero-padded window, then, where asked, SpecAugment's frequency and time masks (bands of mel bins and
+runs of frames set to the normalized mean, 0), drawn with the crop and put in once the batch's
+log-mel is computed. The encoder is a ViT over log-mel patches (``LogMelEncoder``).
 """
 
 from __future__ import annotations
 
 import io
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,12 @@ class AudioConfig(ModalityConfig):
     #: log-mel normalization (AudioSet-style statistics; recompute for your data if far off)
     mean: float = -6.0
     std: float = 4.0
+    #: SpecAugment (train only): this many bands of up to ``freq_mask_bins`` mel bins and runs of up
+    #: to ``time_mask_frames`` frames masked per clip; 0 leaves them out
+    freq_masks: int = Field(0, ge=0)
+    freq_mask_bins: int = Field(8, ge=1)
+    time_masks: int = Field(0, ge=0)
+    time_mask_frames: int = Field(10, ge=1)
     #: key written by ``encode`` for raw arrays
     write_format: str = "flac"
     #: longest clip decoded; a long file would take its whole length in memory before the crop
@@ -45,7 +54,8 @@ class Modality(Base):
     name = "audio"
     extensions = ("flac", "wav")
     Config = AudioConfig
-    free_keys = frozenset({"write_format", "max_seconds"})
+    free_keys = frozenset({"write_format", "max_seconds", "freq_masks", "freq_mask_bins", "time_masks",
+                           "time_mask_frames"})  # augmentation, limits
 
     def __init__(self, cfg: AudioConfig | None = None):
         super().__init__(cfg)
@@ -102,7 +112,12 @@ class Modality(Base):
             slack = n - wave.numel()
             start = rng.randint(0, slack) if rng is not None else slack // 2
             out[start : start + wave.numel()] = wave
-        return out
+        c = self.cfg
+        if rng is None or not (c.freq_masks or c.time_masks):
+            return out
+        masks = [(0, *_band(c.n_mels, c.freq_mask_bins, rng)) for _ in range(c.freq_masks)]
+        masks += [(1, *_band(self.num_frames, c.time_mask_frames, rng)) for _ in range(c.time_masks)]
+        return Masked(out, tuple(masks))
 
     def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
         if self._mel is None:
@@ -110,9 +125,13 @@ class Modality(Base):
 
             c = self.cfg
             self._mel = AT.MelSpectrogram(sample_rate=c.sample_rate, n_fft=c.n_fft, hop_length=c.hop_length, n_mels=c.n_mels)
+        waves = [it.wave if isinstance(it, Masked) else it for it in items]
         with torch.no_grad():
-            mel = self._mel(torch.stack(items))  # [B, n_mels, frames]
+            mel = self._mel(torch.stack(waves))  # [B, n_mels, frames]
         logmel = (torch.log(mel + 1e-6) - self.cfg.mean) / self.cfg.std
+        for i, it in enumerate(items):
+            for axis, start, width in it.masks if isinstance(it, Masked) else ():
+                logmel[i].narrow(axis, start, width).zero_()
         return logmel.unsqueeze(1)  # [B, 1, n_mels, frames]
 
     def encoder(self, cfg: EncoderConfig | None = None) -> LogMelEncoder:
@@ -122,6 +141,20 @@ class Modality(Base):
         if frames == 0:
             raise ConfigError(f"encoder.patch_size: {cfg.patch_size} is longer than a clip's {self.num_frames} frames")
         return LogMelEncoder(cfg, (self.cfg.n_mels, frames), 1)
+
+
+@dataclass(frozen=True)
+class Masked:
+    """A training clip and the SpecAugment masks drawn for it: (axis 0 mel / 1 frame, start, width)."""
+
+    wave: torch.Tensor
+    masks: tuple[tuple[int, int, int], ...]
+
+
+def _band(size: int, most: int, rng: random.Random) -> tuple[int, int]:
+    """SpecAugment's mask: a width uniform in [0, most], at a uniform start that keeps it inside ``size``."""
+    width = rng.randint(0, min(most, size))
+    return rng.randint(0, size - width), width
 
 
 class LogMelEncoder(ViTEncoder):

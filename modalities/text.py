@@ -3,7 +3,9 @@
 
 The tokenizer is any directory ``AutoTokenizer.from_pretrained`` loads (``selfsup tokenize``
 writes one). It is loaded lazily, once per worker process. Train-time augmentation is a random
-window of ``max_length`` tokens over long texts; evaluation keeps the head. The encoder is a BERT
+window of ``max_length`` tokens over long texts and, where asked (``crop_min`` < 1), a random span
+of the text's tokens (a share of them uniform in [``crop_min``, 1]: the span cropping that gives a
+short text two different views); evaluation keeps the head. The encoder is a BERT
 sized to the tokenizer, whose [MASK] id is its mask token.
 """
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from modalities.base import Modality as Base
 from modalities.base import ModalityConfig
@@ -29,6 +32,8 @@ class TextConfig(ModalityConfig):
     max_length: int = 64
     #: pad every batch to ``max_length`` (fixed shapes) instead of to its longest sample
     pad_to_max: bool = False
+    #: train only: keep a random contiguous span of at least this share of the tokens (1: all)
+    crop_min: float = Field(1.0, gt=0, le=1)
 
 
 class Modality(Base):
@@ -36,7 +41,7 @@ class Modality(Base):
     extensions = ("txt",)
     Config = TextConfig
     transform_needs_assets = True  # the tokenizer, trained after validation
-    free_keys = frozenset({"tokenizer", "max_length", "pad_to_max"})  # the vocabulary is checked by its size
+    free_keys = frozenset({"tokenizer", "max_length", "pad_to_max", "crop_min"})  # the vocabulary is checked by its size
 
     def __init__(self, cfg: TextConfig | None = None):
         super().__init__(cfg)
@@ -68,7 +73,12 @@ class Modality(Base):
         ids = tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
         room = self.cfg.max_length - len(self._prefix) - len(self._suffix)
         start = rng.randint(0, len(ids) - room) if rng is not None and len(ids) > room else 0
-        return torch.tensor(self._prefix + ids[start : start + room] + self._suffix, dtype=torch.long)
+        ids = ids[start : start + room]
+        if rng is not None and self.cfg.crop_min < 1 and len(ids) > 1:
+            keep = max(1, round(len(ids) * rng.uniform(self.cfg.crop_min, 1.0)))
+            first = rng.randint(0, len(ids) - keep)
+            ids = ids[first : first + keep]
+        return torch.tensor(self._prefix + ids + self._suffix, dtype=torch.long)
 
     def collate(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         length = self.cfg.max_length if self.cfg.pad_to_max else max(len(x) for x in items)

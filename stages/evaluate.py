@@ -17,7 +17,7 @@ trains the probes on the rest, so settings are chosen on samples no stage traine
     selfsup evaluate --encoders runs/val/joint_image --data data/starter/fmnist/train --holdout 0.1 \
         --task knn,linear_probe --out eval-val/
     selfsup evaluate --encoders runs/val/clip_audio_text --data data/starter/speech/train \
-        --holdout 0.2 --holdout-by voice --task retrieval --out eval-val/   # whole voices held out
+        --holdout 0.1 --holdout-by voice --task retrieval --out eval-val/   # whole voices held out
 In a recipe, ``encoders`` and ``data`` may be lists: every encoder directory is evaluated on every
 set holding one of its modalities. Writes ``report.json`` (``pipeline/evaluation/report.schema.json``),
 ``report.html`` and ``cache/`` (embeddings, reused when nothing changed).

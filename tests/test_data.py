@@ -372,3 +372,56 @@ def test_jitter_is_drawn_from_the_view_rng():
     assert torch.equal(a, b)
     assert not torch.equal(a, plain.transform(img, random.Random(5)))
     assert torch.equal(jit.transform(img, None), plain.transform(img, None))  # eval: no jitter
+
+
+def test_specaugment_masks_zero_the_drawn_bands_of_the_batch_log_mel():
+    """Frequency and time masks zero exactly the drawn mel bands and frame runs of the clip's
+    log-mel, are a function of the clip's rng, and leave the crop's draws as they were; evaluation
+    (no rng) has none."""
+    import random
+
+    from modalities.audio import AudioConfig, Masked
+    from modalities.audio import Modality as Audio
+
+    plain = Audio(AudioConfig())
+    aug = Audio(AudioConfig(freq_masks=2, freq_mask_bins=12, time_masks=2, time_mask_frames=20))
+    torch.manual_seed(0)
+    wave = torch.randn(12000) * 0.1
+    a, b = aug.transform(wave, random.Random(3)), aug.transform(wave, random.Random(3))
+    assert isinstance(a, Masked) and a.masks == b.masks and len(a.masks) == 4
+    assert torch.equal(a.wave, plain.transform(wave, random.Random(3)))  # the crop's draws are unchanged
+    assert not isinstance(aug.transform(wave, None), Masked)
+    got = aug.collate([a, plain.transform(wave, None)])
+    want = plain.collate([a.wave, plain.transform(wave, None)])
+    assert torch.equal(got[1], want[1])  # an unmasked clip in the same batch is untouched
+    ref = want[0].clone()
+    for axis, start, width in a.masks:
+        idx = torch.arange(ref.shape[axis + 1])
+        keep = ~((idx >= start) & (idx < start + width))
+        ref = ref * (keep.view(-1, 1) if axis == 0 else keep.view(1, -1)) + 0.0
+    assert torch.equal(got[0], ref) and (got[0] == 0).sum() > 0
+
+
+def test_text_span_crop_keeps_a_contiguous_span_of_the_tokens(starter_tokenizer):
+    """``crop_min`` keeps a contiguous run of at least that share of the tokens, between the special
+    tokens, drawn from the view's rng; evaluation and ``crop_min: 1`` keep every token."""
+    import random
+
+    from modalities.text import Modality as Text
+    from modalities.text import TextConfig
+
+    text = "the quick brown fox jumps over the lazy dog near the river bank at dawn"
+    plain = Text(TextConfig(tokenizer=starter_tokenizer, max_length=64))
+    crop = Text(TextConfig(tokenizer=starter_tokenizer, max_length=64, crop_min=0.5))
+    full = plain.transform(text, random.Random(0)).tolist()
+    assert crop.transform(text, None).tolist() == full
+    inner, lengths = full[1:-1], set()
+    for seed in range(40):
+        got = crop.transform(text, random.Random(seed)).tolist()
+        assert got == crop.transform(text, random.Random(seed)).tolist()
+        assert got[0] == full[0] and got[-1] == full[-1]
+        span = got[1:-1]
+        assert len(span) >= round(0.5 * len(inner)) - 1
+        assert any(inner[i : i + len(span)] == span for i in range(len(inner) - len(span) + 1))
+        lengths.add(len(span))
+    assert len(lengths) > 3
