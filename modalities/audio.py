@@ -54,8 +54,8 @@ class Modality(Base):
     name = "audio"
     extensions = ("flac", "wav")
     Config = AudioConfig
-    free_keys = frozenset({"write_format", "max_seconds", "freq_masks", "freq_mask_bins", "time_masks",
-                           "time_mask_frames"})  # augmentation, limits
+    augment_keys = frozenset({"freq_masks", "freq_mask_bins", "time_masks", "time_mask_frames"})
+    free_keys = augment_keys | {"write_format", "max_seconds"}
 
     def __init__(self, cfg: AudioConfig | None = None):
         super().__init__(cfg)

@@ -35,6 +35,9 @@ class Modality:
     #: settings an encoder saved with other values may still be used with (augmentation, assets):
     #: they change neither the weights nor what the features mean (``pipeline.encoders.saved``)
     free_keys: ClassVar[frozenset[str]] = frozenset({"write_format"})
+    #: the train-time augmentation among them: a choice of each stage (its ``augment``), never
+    #: carried over from the encoder a stage starts from
+    augment_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, cfg: ModalityConfig | None = None):
         self.cfg = cfg if cfg is not None else self.Config()

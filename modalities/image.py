@@ -58,8 +58,8 @@ class Modality(Base):
     name = "image"
     extensions = ("jpg", "jpeg", "png", "webp")
     Config = ImageConfig
-    free_keys = frozenset({"crop_scale", "crop_ratio", "hflip", "brightness", "contrast", "saturation", "jitter_p",
-                           "write_format", "max_pixels"})  # augmentation, limits
+    augment_keys = frozenset({"crop_scale", "crop_ratio", "hflip", "brightness", "contrast", "saturation", "jitter_p"})
+    free_keys = augment_keys | {"write_format", "max_pixels"}
 
     def __init__(self, cfg: ImageConfig | None = None):
         super().__init__(cfg)

@@ -41,7 +41,8 @@ class Modality(Base):
     extensions = ("txt",)
     Config = TextConfig
     transform_needs_assets = True  # the tokenizer, trained after validation
-    free_keys = frozenset({"tokenizer", "max_length", "pad_to_max", "crop_min"})  # the vocabulary is checked by its size
+    augment_keys = frozenset({"crop_min"})
+    free_keys = augment_keys | {"tokenizer", "max_length", "pad_to_max"}  # the vocabulary is checked by its size
 
     def __init__(self, cfg: TextConfig | None = None):
         super().__init__(cfg)

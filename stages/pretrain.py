@@ -36,6 +36,10 @@ class Config(TrainerConfig, StageConfig):
     objectives: dict[str, dict[str, Any]]
     #: per-modality encoder settings (size, patch_size, pooling, init_from …)
     encoders: dict[str, EncoderConfig] = Field(default_factory=dict)
+    #: per-modality train-time augmentation of this stage only, over the recipe's ``modalities``
+    #: settings (e.g. ``{image: {crop_scale: [0.08, 1.0], brightness: 0.4}}``; each modality's
+    #: ``augment_keys``); an encoder saved by an earlier stage does not pass its augmentation on
+    augment: dict[str, dict[str, Any]] = Field(default_factory=dict)
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
     #: every N steps, a kNN probe of the encoders on ``eval_source`` (logged as ``knn/<modality>/top1``)
     eval_every: int | None = Field(None, ge=1)
@@ -106,7 +110,7 @@ def assemble(cfg: Config, ctx: Context, built: dict, accelerator):
     needed = sorted({m for _, _, ocfg in built.values() for m in ocfg.reads()})
     mods, encoders = {}, {}
     for m in needed:
-        mods[m], encoders[m] = build_encoder(m, cfg.encoders.get(m, EncoderConfig()), ctx)
+        mods[m], encoders[m] = build_encoder(m, cfg.encoders.get(m, EncoderConfig()), ctx, cfg.augment.get(m))
     objectives = {}
     for name, (kind, module, ocfg) in built.items():
         objectives[name] = module.Objective(ocfg, encoders, name, ctx.seed)
@@ -131,19 +135,33 @@ def _probe(cfg: Config, ctx: Context, mod_cfgs: dict):
                      ctx.base_dir, ctx.seed)
 
 
-def build_encoder(m: str, ecfg: EncoderConfig, ctx: Context):
+def build_encoder(m: str, ecfg: EncoderConfig, ctx: Context, augment: dict | None = None):
     """(modality, encoder) of modality ``m``: from the recipe's settings, or from an ``init_from``
-    directory whose saved settings fill in what the recipe leaves out (and must agree with it)."""
+    directory whose saved settings fill in what the recipe leaves out (and must agree with it);
+    ``augment``: the stage's augmentation settings over those."""
     mcfg = ctx.modality_config(m)
     try:
         if ecfg.init_from:
             start = ctx.path(ecfg.init_from)
             ecfg, mcfg = saved.merge(start, ecfg, mcfg, m, f"encoders.{m}")
             ecfg = ecfg.model_copy(update={"init_from": str(start)})
+        if augment:
+            mcfg = _augmented(m, mcfg, augment)
         mod = registry.modality(m)(mcfg)
         return mod, mod.encoder(ecfg)
     except ConfigError as e:
         raise ConfigError(e if str(e).startswith(("encoders.", "modalities.")) else f"encoders.{m}: {e}") from None
+
+
+def _augmented(m: str, mcfg, augment: dict):
+    """``mcfg`` (None: the modality's defaults) with the stage's augmentation settings."""
+    cls = registry.modality(m)
+    for key in augment:
+        if key not in cls.augment_keys:
+            raise ConfigError(f"augment.{m}.{key}: not an augmentation setting of {m} "
+                              f"({', '.join(sorted(cls.augment_keys)) or 'it has none'}); "
+                              f"other settings belong under the recipe's modalities.{m}")
+    return build(cls.Config, {**(dump(mcfg) if mcfg is not None else {}), **augment}, f"augment.{m}")
 
 
 def export(learner, mods: dict, kinds: dict[str, str], out: Path, accelerator) -> None:

@@ -418,6 +418,30 @@ def test_free_settings_may_differ_modality_settings_must_agree(tmp_path):
     assert merged.patch_size == 4 and mcfg.size == 32 and mcfg.hflip is False
 
 
+def test_augmentation_is_each_stages_own(tmp_path):
+    """A stage's ``augment`` changes its own views only: the stage that starts from its encoder
+    trains with the recipe's augmentation, not the saved one; a setting that is not augmentation
+    is a one-line error naming it."""
+    import yaml
+
+    from pipeline.encoders import saved
+    from pipeline.runner import run_recipe
+
+    path = _two_stage_recipe(tmp_path, {})
+    recipe = yaml.safe_load(path.read_text())
+    recipe["stages"][1]["augment"] = {"image": {"crop_scale": [0.1, 0.5], "brightness": 0.3}}
+    path.write_text(yaml.safe_dump(recipe))
+    run = run_recipe(path, ["stages.b.steps=1"], runs=tmp_path / "runs", progress=False)
+    first = saved.settings(run / "a" / "encoders" / "image")["modality_settings"]
+    second = saved.settings(run / "b" / "encoders" / "image")["modality_settings"]
+    assert first["crop_scale"] == [0.1, 0.5] and first["brightness"] == 0.3 and first["size"] == 32
+    assert second["crop_scale"] == [0.35, 1.0] and second["brightness"] == 0.0
+    recipe["stages"][1]["augment"] = {"image": {"size": 64}}
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match=r"augment.image.size: not an augmentation setting of image \(brightness, "):
+        run_recipe(path, runs=tmp_path / "runs2", progress=False)
+
+
 def test_a_plain_stock_directory_still_loads(tmp_path):
     """A ViT saved by transformers itself (no ``selfsup.json``) loads with settings from its config."""
     from transformers import ViTConfig, ViTModel

@@ -6,7 +6,8 @@ and the modality settings it was trained with. ``load(dir)`` rebuilds the encode
 modality from the directory alone. Inside a recipe, ``merge`` makes the saved settings the
 defaults of an ``init_from`` encoder: what the recipe sets explicitly must agree with them, except
 the settings that change neither the weights nor the features' meaning (``FREE_ENCODER_KEYS``,
-each modality's ``free_keys``).
+each modality's ``free_keys``). Augmentation (``augment_keys``) is not inherited: it is the new
+stage's own choice.
 
 A plain ``save_pretrained`` directory without ``selfsup.json`` (a ViT or BERT from elsewhere)
 still loads: inside a recipe its wrapper settings come from the recipe; on its own they are read
@@ -93,7 +94,8 @@ def _architecture(cfg: EncoderConfig, where: str) -> tuple:
 
 def _merge_modality(saved: dict, path: Path, mcfg, modality: str, file: Path):
     cls = registry.modality(modality)
-    values = {k: str(path) if v == "." else v for k, v in saved["modality_settings"].items()}
+    # augmentation is the new stage's choice: the saved encoder's is not carried over
+    values = {k: str(path) if v == "." else v for k, v in saved["modality_settings"].items() if k not in cls.augment_keys}
     base = build(cls.Config, values, f"{file}: modality_settings")
     if mcfg is None:
         return base
