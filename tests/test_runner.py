@@ -108,9 +108,28 @@ def test_starter_recipe_is_valid():
         assert (DEFAULT_RECIPE.parent / shards / "manifest.json").is_file()
 
 
+def test_learn_recipe_is_the_starter_with_more_budget():
+    """``recipes/learn.yaml`` loads, keeps every objective of the starter (MLM, MAE, data2vec, CLIP,
+    joint), adds a joint text stage, and evaluates every pretrain stage it trains."""
+    from pipeline.config import build
+    from stages import pretrain as stage
+
+    path = REPO / "recipes" / "learn.yaml"
+    recipe, _ = load_recipe(path)
+    starter, _ = load_recipe(DEFAULT_RECIPE)
+    pre = {s["name"]: s for s in recipe.stages if s.get("stage") == "pretrain"}
+    assert {s["name"] for s in starter.stages if s.get("stage") == "pretrain"} < set(pre)
+    kinds = {o.get("objective", k) for s in pre.values() for k, o in s["objectives"].items()}
+    assert {"mlm", "mae", "data2vec", "clip", "joint"} <= kinds
+    for name, s in pre.items():
+        build(stage.Config, {k: v for k, v in s.items() if k not in ("name", "stage")}, f"{path}: {name}")
+    evaluate = next(s for s in recipe.stages if s["name"] == "evaluate")
+    assert sorted(e.removeprefix("{run}/") for e in evaluate["encoders"]) == sorted(pre)
+
+
 def test_starter_recipe_runs_end_to_end_with_short_stages(tmp_path):
-    """Every stage of the starter recipe, in order and chained (the CLIP stages start from the joint,
-    MLM and data2vec encoders), shortened to a few steps."""
+    """Every stage of the starter recipe, in order and chained (the image-text CLIP stage starts
+    from the joint encoder), shortened to a few steps."""
     recipe, _ = load_recipe(DEFAULT_RECIPE)
     pretrain = [s["name"] for s in recipe.stages if s.get("stage") == "pretrain"]
     assert {"mae_image", "joint_image", "mlm_text", "data2vec_audio", "clip_image_text", "clip_audio_text"} <= set(pretrain)

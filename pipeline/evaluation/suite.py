@@ -114,9 +114,7 @@ class _Pair:
         self.sample = first
         self.has_labels = bool(cfg.label_key) and cfg.label_key in first
         self.has_texts = "txt" in first
-        self.data_name = _short(test) + (f" (held out {split['holdout']:.0%}" + (f" by {split['holdout_by']})"
-                                                                               if split.get("holdout_by") else ")")
-                                          if split else "")
+        self.data_name = _short(test) + _held_out(split)
 
     def modalities(self, mods: dict) -> list[str]:
         from pipeline import registry
@@ -298,6 +296,14 @@ def _examples(spec, items: Features, gallery: dict, m: str, n: int) -> list[dict
             elif media and m == "audio":
                 hit["audio_bytes"], hit["mime"] = media[1], f"audio/{media[0]}"
     return out
+
+
+def _held_out(split: dict) -> str:
+    """How the report names the held-out part: `` (held out 10% by voice)``; nothing without one."""
+    if not split:
+        return ""
+    by = f" by {split['holdout_by']}" if split.get("holdout_by") else ""
+    return f" (held out {split['holdout']:.0%}{by})"
 
 
 def _short(spec) -> str:
