@@ -5,8 +5,9 @@ The global order is a pure function of the seed. For each source and epoch, shar
 fewer shards than streams). Units are dealt round-robin to the *streams*:
 one per (process, dataloader worker). A stream reads ``interleave`` units at once and picks the
 next sample among them by a hash of (seed, stream, sample count), so no shuffle buffer is needed
-and the stream's whole position is a short list of units with their cursors. The position types
-live in ``pipeline.data.state``, and resuming from them is the pure function ``pipeline.data.resume``.
+and the stream's whole position is a short list of units with their cursors. The settings live in
+``pipeline.data.settings``, the position types in ``pipeline.data.state``, and resuming from them
+is the pure function ``pipeline.data.resume``.
 
 Every batch travels from its worker with the state of its stream *after* that batch. The main
 process keeps the state of the last batch it handed out per stream, so ``state_dict()`` describes
@@ -28,110 +29,27 @@ import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import ByteSize, Field, model_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from modalities.base import Modality
 from pipeline import registry
-from pipeline.config import Config, ConfigError
+from pipeline.config import ConfigError
 from pipeline.data.cache import ShardCache
 from pipeline.data.ledger import open_ledger, truncate_ledger
 from pipeline.data.remote import is_url, read_ahead, set_storage_options
 from pipeline.data.resume import Topology, resume
 from pipeline.data.seeding import hash_int, sample_rng
+from pipeline.data.settings import CacheConfig, LoaderConfig, SampleError, SourceConfig
 from pipeline.data.shards import ShardError, ShardSet, iter_samples, open_shards
 from pipeline.data.state import LoaderState, Segment, SourceCursor, StreamState, Unit, plan_epoch
 
+__all__ = ["CacheConfig", "LoaderConfig", "SampleError", "SourceConfig", "StreamingLoader", "prepare_sample",
+           "to_device"]
+
 log = logging.getLogger(__name__)
-
-
-class SourceConfig(Config):
-    """One shard set and what to read from it."""
-
-    shards: str | list[str]
-    #: modalities decoded from each sample, e.g. [image, text]
-    modalities: list[str] = Field(min_length=1)
-    #: shard key of an integer label returned as ``batch["cls"]`` (e.g. ``cls``)
-    label: str | None = None
-    #: relative sampling weight when several sources are mixed
-    weight: float = Field(1.0, gt=0)
-    #: share of the samples held out (a validation split), chosen by a hash of each sample's key,
-    #: or of the ``holdout_by`` field of its ``json`` (``speaker``: whole voices held out); the
-    #: same samples whatever the shards, processes or seed
-    holdout: float = Field(0.0, ge=0, lt=1)
-    holdout_by: str | None = None
-    #: the part read: ``rest`` (training on what is not held out) or ``holdout`` (validating on it)
-    part: Literal["rest", "holdout"] = "rest"
-
-    @model_validator(mode="after")
-    def _split_needs_a_share(self):
-        if not self.holdout and (self.part == "holdout" or self.holdout_by):
-            what = "part: holdout" if self.part == "holdout" else "holdout_by"
-            raise ValueError(f"{what} needs holdout: the share held out (e.g. 0.1); without it nothing is held out")
-        return self
-
-    def wanted(self, sample: dict) -> bool:
-        """Whether a raw shard sample belongs to the part this source reads."""
-        if not self.holdout:
-            return True
-        value = sample["__key__"]
-        if self.holdout_by is not None:
-            try:
-                value = json.loads(sample["json"])[self.holdout_by]
-            except (KeyError, TypeError, ValueError):
-                raise SampleError(f"sample {sample['__key__']!r}: no json field {self.holdout_by!r} "
-                                  f"(holdout_by)") from None
-        held = hash_int("holdout", str(value)) % 1_000_000 < self.holdout * 1_000_000
-        return held == (self.part == "holdout")
-
-
-class CacheConfig(Config):
-    """A local folder that keeps copies of remote shards (``pipeline.data.cache``)."""
-
-    #: folder of the copies, on a local disk; workers and runs on one machine may share it
-    dir: str
-    #: the most the copies may take (``200GB``, ``1.5GiB`` or bytes); the least recently read go first
-    max_bytes: ByteSize = Field(gt=0)
-
-
-class LoaderConfig(Config):
-    batch_size: int = Field(64, ge=1)  # per process
-    num_workers: int = Field(2, ge=0)
-    #: None streams forever (training runs are measured in steps); N stops after N passes
-    epochs: int | None = Field(None, ge=1)
-    #: units read concurrently by one stream; more mixes shards better
-    interleave: int = Field(4, ge=1)
-    augment: bool = True
-    #: augmented views of each sample (joint-embedding objectives compare them); view 0 is
-    #: ``batch[<modality>]`` as with one view, views 1… are ``batch["__views__"][<modality>]["1"]``…,
-    #: each drawn from (seed, epoch, key, view). Needs ``augment``.
-    views: int = Field(1, ge=1)
-    drop_last: bool = False
-    on_error: Literal["raise", "skip"] = "raise"
-    #: directory receiving one jsonl per process listing every consumed sample (audits, tests)
-    ledger: str | None = None
-    prefetch_factor: int = Field(4, ge=1)
-    #: fsspec arguments per protocol for URL shards, e.g. ``{s3: {endpoint_url: …, anon: true}}``;
-    #: unset, each store reads its own environment and config files (secrets are redacted in run dirs)
-    storage_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    #: samples of each open remote unit fetched ahead in the background (0: none); local shards never
-    read_ahead: int = Field(64, ge=0)
-    #: keep remote shards in a bounded local folder, e.g. ``{dir: /scratch/shards, max_bytes: 200GB}``:
-    #: later epochs and runs read them from disk; None reads the store every time
-    cache: CacheConfig | None = None
-
-
-    @model_validator(mode="after")
-    def _views_need_augmentation(self):
-        if self.views > 1 and not self.augment:
-            raise ValueError("views: more than one view needs augment: true (unaugmented views are all the same)")
-        return self
-
-class SampleError(RuntimeError):
-    """A sample that cannot be used; the message names the shard, the key and the cause."""
 
 
 class _SourceReader:

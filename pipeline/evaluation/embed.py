@@ -58,7 +58,7 @@ def embed(encoders: str | Path, data: str | list[str], *, modalities: list[str] 
     shard key of integer labels, used where the samples have it. limit: embed at most this many
     samples (a fixed, seeded pick of whole shards read in the loader's order), to keep probes' training side small.
     split: a part of ``data`` only, as a recipe source reads it (``{holdout: 0.1, holdout_by: voice,
-    part: holdout}``, see ``pipeline.data.loader.SourceConfig``)."""
+    part: holdout}``, see ``pipeline.data.settings.SourceConfig``)."""
     if space not in SPACES:
         raise ConfigError(f"embed: space must be one of {', '.join(SPACES)}, got {space!r}")
     from pipeline.data.shards import open_shards
