@@ -64,25 +64,30 @@ def test_a_missing_index_is_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def clip_index(tmp_path_factory) -> tuple[Path, Path]:
     """(a two-step image–text CLIP stage on the emoji test shards, the index the index stage made of them)."""
+    run = _tiny_clip_run(tmp_path_factory.mktemp("clip"), {"image": {**TINY, "patch_size": 8}, "text": TINY},
+                         [{"name": "index", "encoders": "{run}/clip", "data": [str(EMOJI)], "batch_size": 32}])
+    return run / "clip", run / "index"
+
+
+def _tiny_clip_run(tmp: Path, encoders: dict, more_stages: list[dict]) -> Path:
+    """The run directory of a recipe that tokenizes the emoji test shards, trains a two-step
+    image–text CLIP stage (``clip``) on them with ``encoders`` and runs ``more_stages`` after it."""
     import yaml
 
     from pipeline.runner import run_recipe
 
-    tmp = tmp_path_factory.mktemp("clip")
     recipe = {
         "name": "tiny", "sources": {"emoji": {"shards": str(EMOJI), "modalities": ["image", "text"]}},
         "modalities": {"image": {"size": 32}, "text": {"tokenizer": "{run}/tokenize", "max_length": 16}},
         "stages": [
             {"name": "tokenize", "shards": [str(EMOJI)], "vocab_size": 300},
             {"name": "clip", "stage": "pretrain", "sources": ["emoji"], "steps": 2, "objectives": {"clip": {}},
-             "encoders": {"image": {**TINY, "patch_size": 8}, "text": TINY},
-             "loader": {"batch_size": 8, "num_workers": 0}},
-            {"name": "index", "encoders": "{run}/clip", "data": [str(EMOJI)], "batch_size": 32},
+             "encoders": encoders, "loader": {"batch_size": 8, "num_workers": 0}},
+            *more_stages,
         ],
     }
     (tmp / "r.yaml").write_text(yaml.safe_dump(recipe))
-    run = run_recipe(tmp / "r.yaml", runs=tmp / "runs", progress=False)
-    return run / "clip", run / "index"
+    return run_recipe(tmp / "r.yaml", runs=tmp / "runs", progress=False)
 
 
 def _first_samples(n: int) -> list[dict]:
@@ -265,27 +270,14 @@ def test_an_index_of_the_exported_dual_encoder_agrees_with_the_stage_one(tmp_pat
     (``export/clip/``) index the same shards to the same rows, and ``retrieve`` on either index finds
     the same hits at the same scores: the stock model with its saved processor and tokenizer
     computes the stage's features, long texts cut where training cut them included."""
-    import yaml
-
     from pipeline.cli import main
-    from pipeline.runner import run_recipe
 
     cls = {**TINY, "pooling": "cls"}  # what the stock dual encoder projects
-    recipe = {
-        "name": "tiny", "sources": {"emoji": {"shards": str(EMOJI), "modalities": ["image", "text"]}},
-        "modalities": {"image": {"size": 32}, "text": {"tokenizer": "{run}/tokenize", "max_length": 16}},
-        "stages": [
-            {"name": "tokenize", "shards": [str(EMOJI)], "vocab_size": 300},
-            {"name": "clip", "stage": "pretrain", "sources": ["emoji"], "steps": 2, "objectives": {"clip": {}},
-             "encoders": {"image": {**cls, "patch_size": 8}, "text": cls}, "loader": {"batch_size": 8, "num_workers": 0}},
-            {"name": "export", "stages": ["clip"], "data": [{"shards": str(EMOJI), "modalities": ["image", "text"]}]},
-            {"name": "index_stage", "stage": "index", "encoders": "{run}/clip", "data": [str(EMOJI)], "batch_size": 32},
-            {"name": "index_export", "stage": "index", "encoders": "{run}/export/clip", "data": [str(EMOJI)],
-             "batch_size": 32},
-        ],
-    }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    run = run_recipe(tmp_path / "r.yaml", runs=tmp_path / "runs", progress=False)
+    run = _tiny_clip_run(tmp_path, {"image": {**cls, "patch_size": 8}, "text": cls}, [
+        {"name": "export", "stages": ["clip"], "data": [{"shards": str(EMOJI), "modalities": ["image", "text"]}]},
+        {"name": "index_stage", "stage": "index", "encoders": "{run}/clip", "data": [str(EMOJI)], "batch_size": 32},
+        {"name": "index_export", "stage": "index", "encoders": "{run}/export/clip", "data": [str(EMOJI)],
+         "batch_size": 32}])
     stage, export = Index(run / "index_stage"), Index(run / "index_export")
     assert export.info["encoders"] == str((run / "export" / "clip").resolve())
     for m in ("image", "text"):

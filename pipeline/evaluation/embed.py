@@ -145,8 +145,9 @@ def _compute(encoders, data, shardset, chosen, space, label, batch_size, num_wor
                                  world_size=world)
         rows: dict[str, list[np.ndarray]] = {m: [] for m in chosen}
         labels: list[np.ndarray] = []
-        whole = None if split else shardset.total // world  # a part's size is known once read
-        bar = _bar(min(x for x in (whole, share) if x is not None) if whole or share else None, progress and rank == 0)
+        # a held-out part's size is known only once read: the limit, if any, bounds it
+        total = share if split else min(shardset.total // world, share or shardset.total)
+        bar = _bar(total, progress and rank == 0)
         seen = 0
         with torch.no_grad():
             for batch in loader:
@@ -235,7 +236,7 @@ def _metadata(shardset, used: set[str]) -> dict[tuple[str, str], tuple[int, str 
     return out
 
 
-def _bar(total: int, enabled: bool):
+def _bar(total: int | None, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, disable=not enabled, desc="embed", unit="sample", dynamic_ncols=True)
