@@ -60,6 +60,8 @@ def run(cfg: Config, ctx: Context) -> dict:
     tok.train_from_iterator(texts(shards, cfg.max_samples, stats, ctx.progress, total), trainer, length=total)
     if stats["texts"] == 0:
         raise ConfigError(f"tokenize: no sample of {' '.join(cfg.shards)} has a 'txt' key to train on")
+    if cfg.kind == "wordpiece":
+        tok = canonical_wordpiece(tok)
     _finish(tok, cfg.kind)
     specials = dict(SPECIALS[cfg.kind])
     if cfg.kind == "bpe":  # RoBERTa names; modalities.text looks for cls/sep first, bos/eos otherwise
@@ -125,6 +127,31 @@ def _trainer(cfg: Config):
                                          special_tokens=specials, show_progress=False)
     return trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=specials,
                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+
+
+def canonical_wordpiece(tok):
+    """The trained WordPiece tokenizer with its ids in a fixed order: the special tokens first, as
+    trained, then every other token sorted by its string.
+
+    The trainer numbers its alphabet (and the pieces built on it) in the order of a hash map seeded
+    anew in every training, so two runs over the same texts learn the same pieces under different
+    ids: on the starter's texts, 252 of 8,000 ids moved between two runs, and with them the rows of
+    a random-init embedding. WordPiece encodes by the longest match in the vocabulary alone, so
+    renumbering changes no tokenization, only the ids. (Where pair counts tie, the trainer's choice
+    between the tied merges can follow that order too, and on small corpora the pieces themselves
+    can then differ; the starter's do not.)
+    """
+    from tokenizers import models
+
+    specials = {t.content for t in tok.get_added_tokens_decoder().values()}
+    vocab = tok.get_vocab(with_added_tokens=False)
+    head = sorted((t for t in vocab if t in specials), key=vocab.__getitem__)
+    order = head + sorted(t for t in vocab if t not in specials)
+    trained = tok.model
+    tok.model = models.WordPiece({t: i for i, t in enumerate(order)}, unk_token=trained.unk_token,
+                                 continuing_subword_prefix=trained.continuing_subword_prefix,
+                                 max_input_chars_per_word=trained.max_input_chars_per_word)
+    return tok
 
 
 def _finish(tok, kind: str) -> None:

@@ -57,6 +57,28 @@ def test_trained_tokenizer_round_trips(shards, tmp_path, kind, first, last, mask
     assert tok.unk_token_id not in x.tolist()
 
 
+def test_wordpiece_ids_are_the_same_in_every_run(shards, tmp_path):
+    """The trainer numbers its alphabet in hash-map order, different in every training; the saved
+    vocabulary is renumbered in a fixed order, and tokenizes as trained."""
+
+    files = []
+    for run in range(3):
+        train(shards, tmp_path / str(run), vocab_size=10, min_frequency=1)  # the alphabet alone: no merge
+        files.append((tmp_path / str(run) / "tokenizer.json").read_bytes())
+    assert files[0] == files[1] == files[2]
+
+    trained = tokenize.build("wordpiece", lowercase=True)
+    trained.train_from_iterator([sentence(i) for i in range(200)], tokenize._trainer(
+        tokenize.Config(shards=[str(shards)], vocab_size=120, min_frequency=1)))
+    texts = [sentence(i) for i in range(200, 220)] + ["Unseen words: zebra, quixotic."]
+    tokens = [trained.encode(t).tokens for t in texts]
+    canonical = tokenize.canonical_wordpiece(trained)
+    assert [canonical.encode(t).tokens for t in texts] == tokens
+    vocab = sorted(canonical.get_vocab().items(), key=lambda kv: kv[1])
+    assert [t for t, _ in vocab[:5]] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert [t for t, _ in vocab[5:]] == sorted(t for t, _ in vocab[5:])
+
+
 def test_lowercase_and_max_samples(shards, tmp_path):
     train(shards, tmp_path / "lower", min_frequency=1)
     assert train(shards, tmp_path / "cased", lowercase=False, max_samples=50, min_frequency=1)["samples"] == 50
