@@ -91,6 +91,18 @@ def test_only_and_force(tmp_path):
     assert stamps(run)["check"] != first["check"]
 
 
+def test_only_an_early_stage_needs_nothing_of_the_later_ones(tmp_path):
+    """`--only check` before an export stage whose stage directories no stage has written yet."""
+    recipe = setup(tmp_path)
+    spec = yaml.safe_load(recipe.read_text())
+    spec["stages"].append({"name": "export", "stages": ["pretrain_not_run_yet"]})
+    recipe.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(recipe), "--runs", str(tmp_path / "runs"), "--only", "check"]) == 0
+    assert set(stamps(tmp_path / "runs" / "tiny")) == {"check"}
+    with pytest.raises(ConfigError, match="pretrain_not_run_yet: not a stage directory"):
+        run_recipe(recipe, runs=tmp_path / "runs", progress=False)
+
+
 def test_failed_validation_fails_the_cli(tmp_path, capsys):
     setup(tmp_path)
     shard = tmp_path / "texts" / "shard-000000.tar"
@@ -132,7 +144,7 @@ def test_starter_recipe_runs_end_to_end_with_short_stages(tmp_path):
     from the joint encoder), shortened to a few steps."""
     recipe, _ = load_recipe(DEFAULT_RECIPE)
     pretrain = [s["name"] for s in recipe.stages if s.get("stage") == "pretrain"]
-    assert {"mae_image", "joint_image", "mlm_text", "data2vec_audio", "clip_image_text", "clip_audio_text"} <= set(pretrain)
+    assert {"mae_image", "joint_image", "mlm_text", "data2vec_image", "clip_image_text", "clip_audio_text"} <= set(pretrain)
     short = [f"stages.{n}.{k}={v}" for n in pretrain for k, v in (("steps", 2), ("loader.batch_size", 4),
                                                                    ("loader.num_workers", 0))]
     small = ["stages.evaluate.max_test=32", "stages.evaluate.max_train=64", "stages.tokenize.vocab_size=1000"]
