@@ -1,7 +1,7 @@
 """Evaluate frozen encoders on shard sets: kNN, linear probe, zero-shot, retrieval (and fine-tuned
 heads), every figure beside its random-init, raw-input and chance baselines.
 
-    selfsup evaluate --encoders runs/starter/mae_image --data data/starter/fmnist/test \
+    selfsup evaluate --encoders runs/starter/data2vec_image --data data/starter/fmnist/test \
         --train-data data/starter/fmnist/train --task knn,linear_probe --out eval/
     selfsup evaluate --encoders runs/starter/clip_image_text --data shards/ --task zero_shot,retrieval \
         --class-key category --out eval/

@@ -1,6 +1,6 @@
 """Frozen encoder(s) + a shard set → features, keys, labels: the one pass every evaluator shares.
 
-    selfsup embed --encoders runs/starter/mae_image --data data/starter/fmnist/test --out fmnist.safetensors
+    selfsup embed --encoders runs/starter/data2vec_image --data data/starter/fmnist/test --out fmnist.safetensors
 
 Samples go through the project's streaming loader for one epoch, without augmentation, with the
 modality settings the encoder directory was saved with (its eval preprocessing). Under
