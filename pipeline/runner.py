@@ -108,10 +108,10 @@ def _run_stages(path: Path, recipe: Recipe, modalities: dict, run_dir: Path, onl
         raise ConfigError(f"--only: no stage named {unknown[0]!r} in {path}")
     chain = hashlib.sha256(json.dumps({"sources": resolved["sources"], "modalities": resolved["modalities"],
                                        "seed": recipe.seed}, sort_keys=True).encode()).hexdigest()
-    # with --only, the stages after the last one named are not looked at: their inputs (an export's
-    # stage directories, say) need not exist yet
-    last = max((i for i, (e, _, _) in enumerate(planned) if e["name"] in only), default=-1) if only else len(planned) - 1
-    for entry, stage, cfg in planned[: last + 1]:
+    if only:  # the stages after the last one named are not looked at: their inputs (an export's
+        # stage directories, say) need not exist yet
+        planned = planned[: max(i for i, (e, _, _) in enumerate(planned) if e["name"] in only) + 1]
+    for entry, stage, cfg in planned:
         ctx = Context.of_recipe(recipe, modalities, path, run_dir, run_dir / entry["name"], progress)
         inputs = stage.inputs(cfg, ctx)
         chain = _hash(chain, entry.get("stage", entry["name"]), dump(cfg), [fingerprint(_input(p)) for p in inputs])
