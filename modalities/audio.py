@@ -119,6 +119,15 @@ class Modality(Base):
         masks += [(1, *_band(self.num_frames, c.time_mask_frames, rng)) for _ in range(c.time_masks)]
         return Masked(out, tuple(masks))
 
+    @staticmethod
+    def raw_features(batch: np.ndarray) -> np.ndarray:
+        """Log-mel statistics (each bin's mean and deviation over time) of [B, 1, mels, frames]."""
+        from pipeline.evaluation import baselines
+
+        if batch.ndim == 4 and batch.shape[1] == 1:
+            return baselines.logmel_stats(batch)
+        return Base.raw_features(batch)
+
     def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
         if self._mel is None:
             import torchaudio.transforms as AT

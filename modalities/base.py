@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pipeline.config import Config
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from pipeline.encoders.base import Encoder, EncoderConfig
 
 
@@ -61,6 +63,15 @@ class Modality:
     def encoder(self, cfg: EncoderConfig | None = None) -> Encoder:
         """The encoder of this modality's batches (``collate`` output), sized by ``cfg``."""
         raise NotImplementedError
+
+    @staticmethod
+    def raw_features(batch: np.ndarray) -> np.ndarray:
+        """[B, D] float32 raw-input baseline of a collated batch (a numpy array): the input itself,
+        flattened (``pipeline.evaluation.baselines.pixel_features``); a modality whose raw input
+        reads better another way says so here."""
+        from pipeline.evaluation import baselines
+
+        return baselines.pixel_features(batch)
 
     def save_assets(self, path: Path) -> tuple[str, ...]:
         """Write what the encoder needs besides its weights into its directory ``path`` (text: the

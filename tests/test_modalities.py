@@ -177,3 +177,18 @@ def test_text_span_crop_keeps_a_contiguous_span_of_the_tokens(starter_tokenizer)
         assert any(inner[i : i + len(span)] == span for i in range(len(inner) - len(span) + 1))
         lengths.add(len(span))
     assert len(lengths) > 3
+
+
+def test_raw_features_are_each_modalitys_own_baseline():
+    """``embed(space="raw")`` asks the modality: images their flattened pixels, audio the log-mel
+    statistics of ``pipeline.evaluation.baselines``."""
+    import numpy as np
+
+    from pipeline import registry
+    from pipeline.evaluation import baselines
+
+    rng = np.random.default_rng(0)
+    mels, images = rng.random((3, 1, 64, 101), np.float32), rng.random((3, 3, 32, 32), np.float32)
+    assert np.array_equal(registry.modality("audio").raw_features(mels), baselines.logmel_stats(mels))
+    assert registry.modality("audio").raw_features(mels).shape == (3, 128)
+    assert np.array_equal(registry.modality("image").raw_features(images), baselines.pixel_features(images))

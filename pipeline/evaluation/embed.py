@@ -182,14 +182,13 @@ def _lines(ledger: str, rank: int) -> list[str]:
 
 def _rows(space: str, m: str, batch: dict, enc, head) -> np.ndarray:
     """[B, D] float32 rows of one batch of modality ``m``."""
-    from pipeline.evaluation import baselines
+    from pipeline import registry
 
     if space == "raw":
         x = batch[m]
         if isinstance(x, dict):  # token ids are no vector; text's raw input is its string
             return np.zeros((len(batch["__key__"]), 0), np.float32)
-        x = x.float().cpu().numpy()
-        return baselines.logmel_stats(x) if x.ndim == 4 and x.shape[1] == 1 and m == "audio" else baselines.pixel_features(x)
+        return registry.modality(m).raw_features(x.float().cpu().numpy())
     if space == "clip":
         return head.features(batch, m).float().cpu().numpy()
     return enc.embed(batch[m]).float().cpu().numpy()
