@@ -121,8 +121,9 @@ def test_starter_recipe_is_valid():
 
 
 def test_learn_recipe_is_the_starter_with_more_budget():
-    """``recipes/learn.yaml`` loads, keeps every objective of the starter (MLM, MAE, data2vec, CLIP,
-    joint), adds a joint text stage, and evaluates every pretrain stage it trains."""
+    """``recipes/learn.yaml`` loads, keeps every stage of the starter and adds MAE and the
+    joint-embedding image stage, so that it trains every objective (MLM, MAE, data2vec, CLIP,
+    joint), and evaluates every pretrain stage it trains."""
     from pipeline.config import build
     from stages import pretrain as stage
 
@@ -141,10 +142,10 @@ def test_learn_recipe_is_the_starter_with_more_budget():
 
 def test_starter_recipe_runs_end_to_end_with_short_stages(tmp_path):
     """Every stage of the starter recipe, in order and chained (the image-text CLIP stage starts
-    from the joint encoder), shortened to a few steps."""
+    from data2vec's image encoder), shortened to a few steps."""
     recipe, _ = load_recipe(DEFAULT_RECIPE)
     pretrain = [s["name"] for s in recipe.stages if s.get("stage") == "pretrain"]
-    assert {"joint_image", "mlm_text", "data2vec_image", "clip_image_text", "clip_audio_text"} <= set(pretrain)
+    assert {"data2vec_image", "mlm_joint_text", "clip_image_text", "clip_audio_text"} <= set(pretrain)
     short = [f"stages.{n}.{k}={v}" for n in pretrain for k, v in (("steps", 2), ("loader.batch_size", 4),
                                                                    ("loader.num_workers", 0))]
     small = ["stages.evaluate.max_test=32", "stages.evaluate.max_train=64", "stages.tokenize.vocab_size=1000"]
