@@ -1,7 +1,7 @@
 """Time to accuracy: Fashion-MNIST linear-probe accuracy against minutes of pretraining on this CPU,
 for a pretrain stage of one of our recipes and two stock peers on the same encoder and the same images.
 
-    python bench/learning.py [--recipe recipes/starter.yaml] [--stage joint_image] [--minutes 1 2 4 8]
+    python bench/learning.py [--recipe recipes/learn.yaml] [--stage joint_image] [--minutes 1 2 4 8]
                              [--probe-train 2000] [--probe-test 2000] [--threads N] [--calibrate S]
                              [--methods ours vitmae simclr] [--out /tmp/learning-bench]
 
@@ -240,7 +240,7 @@ def run_method(name: str, ours: Ours, args, shards: list[str], batch: int, worke
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default=str(ROOT / "recipes/starter.yaml"))
+    p.add_argument("--recipe", default=str(ROOT / "recipes/learn.yaml"))
     p.add_argument("--stage", default="joint_image", help="a pretrain stage of the recipe that trains an image encoder")
     p.add_argument("--runs", default="runs", help="where the recipe's run directory is ({run} in the stage's paths)")
     p.add_argument("--minutes", type=float, nargs="+", default=[1, 2, 4, 8], help="probe after these minutes")
