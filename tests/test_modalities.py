@@ -154,6 +154,37 @@ def test_specaugment_masks_zero_the_drawn_bands_of_the_batch_log_mel():
     assert torch.equal(got[0], ref) and (got[0] == 0).sum() > 0
 
 
+def test_speed_perturbation_is_torchaudios_resampling_drawn_from_the_clips_rng():
+    """``speed_factors`` resamples the clip by a factor drawn from the clip's rng, exactly as
+    ``torchaudio.functional.speed`` does, before the shift into the window; factor 1 and evaluation
+    leave the clip as it is."""
+    import random
+
+    import torchaudio.functional as AF
+
+    from modalities.audio import AudioConfig
+    from modalities.audio import Modality as Audio
+
+    torch.manual_seed(0)
+    wave = torch.randn(8000) * 0.1
+    plain = Audio(AudioConfig())
+    fast = Audio(AudioConfig(speed_factors=(1.1,)))
+    one = Audio(AudioConfig(speed_factors=(1.0,)))
+    rng = random.Random(4)
+    sped = AF.speed(wave, 16000, 1.1)[0]
+    assert sped.numel() < wave.numel()
+    rng.choice((1.1,))  # the factor's draw comes first, then the shift's
+    want = plain.transform(sped, rng)
+    assert torch.equal(fast.transform(wave, random.Random(4)), want)
+    rng = random.Random(4)
+    rng.choice((1.0,))
+    assert torch.equal(one.transform(wave, random.Random(4)), plain.transform(wave, rng))  # 1.0: no resampling
+    assert torch.equal(fast.transform(wave, None), plain.transform(wave, None))
+    both = Audio(AudioConfig(speed_factors=(0.9, 1.1)))
+    views = {both.transform(wave, random.Random(s)).count_nonzero().item() for s in range(20)}
+    assert len(views) > 1  # both factors drawn: 0.9 gives the longer clip
+
+
 def test_text_span_crop_keeps_a_contiguous_span_of_the_tokens(starter_tokenizer):
     """``crop_min`` keeps a contiguous run of at least that share of the tokens, between the special
     tokens, drawn from the view's rng; evaluation and ``crop_min: 1`` keep every token."""
