@@ -10,11 +10,12 @@ Every split directory holds gzip-compressed tar shards and a ``manifest.json`` w
 * ``wordnet`` WordNet 3.0 synset glosses from ``wordnet-base`` (``txt``, ``cls`` lexicographer
   file, ``json``).
 * ``kjv``     King James Bible verses printed by ``bible`` of ``bible-kjv`` (``txt``, ``json``).
-* ``speech``  short English words spoken by ``espeak-ng`` in several voices, speeds and pitches,
+* ``speech``  short English words spoken by ``espeak-ng`` in many voices, speeds and pitches,
   16 kHz mono (``flac``, ``txt``, ``cls``, ``json``); three voices appear only in ``test``.
 
 Run ``bash scripts/build_starter_data.sh`` to install the packages and rebuild everything;
-``SOURCES.md`` in the output directory is rewritten with the counts of the build.
+``SOURCES.md`` in the output directory is rewritten with the counts of the build. ``--only speech``
+(repeatable) rebuilds some sets and rewrites only their sections of ``SOURCES.md``.
 """
 
 from __future__ import annotations
@@ -70,11 +71,22 @@ TRAIN_VOICES = ["en-us", "en-us+m3", "en-us+f2", "en-us+klatt", "en-gb", "en-gb+
                 "en-gb+m7", "en-gb-x-rp+m4", "en-gb-x-rp+f1", "en-gb-x-gbclan+m1", "en-gb-x-gbcwmd+f5"]
 #: accents and variants that never occur in the training voices
 TEST_VOICES = ["en-gb-scotland+m5", "en-029+f4", "en-us-nyc+klatt3"]
+#: more speakers of the training accents: the draw over TRAIN_VOICES above is kept as it was, so the
+#: test split does not move; variants m2 m7 f5 (the validation voices of a ``holdout_by: voice``
+#: source) and m5 f4 klatt3 (the test voices) stay out
+EXTRA_TRAIN_VOICES = [f"{dialect}+{variant}" for dialect in ("en-us", "en-gb", "en-gb-x-rp", "en-gb-x-gbclan",
+                                                             "en-gb-x-gbcwmd")
+                      for variant in ("m1", "m3", "m4", "m6", "m8", "f1", "f2", "f3",
+                                      "klatt", "klatt2", "klatt4", "klatt5", "klatt6")
+                      if f"{dialect}+{variant}" not in TRAIN_VOICES]
 SPEEDS = [130, 160, 190]
 PITCHES = [35, 50, 65]
 SPEECH_TRAIN_PER_WORD = 30
 SPEECH_TEST_PER_WORD = 8
+SPEECH_EXTRA_PER_WORD = 30
 SAMPLE_RATE = 16000
+#: the sets, in the order they are built and told in SOURCES.md
+STEPS = ("fmnist", "emoji", "wordnet", "kjv", "speech")
 
 
 def stable_hash(text: str) -> int:
@@ -274,6 +286,9 @@ def speech_jobs() -> list[tuple[str, str, int, int, str]]:
                                  ("test", TEST_VOICES, SPEECH_TEST_PER_WORD)):
             grid = [(v, s, p) for v in voices for s in SPEEDS for p in PITCHES]
             jobs += [(word, v, s, p, split) for v, s, p in rng.sample(grid, n)]
+        grid = [(v, s, p) for v in EXTRA_TRAIN_VOICES for s in SPEEDS for p in PITCHES]
+        extra = random.Random(stable_hash(word + "/extra")).sample(grid, SPEECH_EXTRA_PER_WORD)
+        jobs += [(word, v, s, p, "train") for v, s, p in extra]
     return jobs
 
 
@@ -336,67 +351,90 @@ def numbered(names: list[str]) -> str:
     return ", ".join(f"{i} {name}" for i, name in enumerate(names))
 
 
-def source_sections(built: dict, wordnet_per_class: int) -> list[list[str]]:
-    emoji_manifests, categories, emoji_version = built["emoji"]
-    fmnist_per_class = built["fmnist"]["train"]["total"] // len(FMNIST_CLASSES)
-    return [
-        ["## fmnist",
+def fmnist_section(manifests: dict) -> list[str]:
+    per_class = manifests["train"]["total"] // len(FMNIST_CLASSES)
+    return ["## fmnist",
          (f"Fashion-MNIST, Debian package `dataset-fashion-mnist` {deb_version('dataset-fashion-mnist')}. "
-          f"Train holds the first {fmnist_per_class} images of each class of the 60000; test is complete."),
+          f"Train holds the first {per_class} images of each class of the 60000; test is complete."),
          "Licence: MIT (Expat), Copyright 2017 Zalando SE; full text in `fmnist/COPYRIGHT`.",
-         *split_lines(built["fmnist"]),
+         *split_lines(manifests),
          "Keys: `png` (28x28 grayscale), `cls`, `json` {label}.",
-         f"Labels: {numbered(FMNIST_CLASSES)}."],
-        ["## emoji",
-         (f"npm package `emoji-datasource-google` {emoji_version}, `img/google/64` and `emoji.json`; composited "
+         f"Labels: {numbered(FMNIST_CLASSES)}."]
+
+
+def emoji_section(built: tuple[dict, list[str], str]) -> list[str]:
+    manifests, categories, version = built
+    return ["## emoji",
+         (f"npm package `emoji-datasource-google` {version}, `img/google/64` and `emoji.json`; composited "
           "on white, resized with Lanczos. Category `Component` is left out; test is ~15 % by hash of `unified`."),
          ("Licence: images are Google Noto Emoji, Apache-2.0 (per the package README); "
           "the emoji.json data is MIT (`emoji/LICENSE`)."),
-         *split_lines(emoji_manifests),
+         *split_lines(manifests),
          ("Keys: `png` (RGB), `txt` (lower-cased name), `cls` (category), "
           "`json` {name, short_name, category, subcategory, unified}."),
-         f"Labels: {numbered(categories)}."],
-        ["## wordnet",
+         f"Labels: {numbered(categories)}."]
+
+
+def wordnet_section(manifests: dict, per_class: int) -> list[str]:
+    return ["## wordnet",
          (f"WordNet 3.0 glosses, Debian package `wordnet-base` {deb_version('wordnet-base')}, "
-          f"`data.{{noun,verb,adj,adv}}`; at most {wordnet_per_class} synsets per lexicographer file "
+          f"`data.{{noun,verb,adj,adv}}`; at most {per_class} synsets per lexicographer file "
           "(a fixed pick by hash), test is ~10 % of those by hash of the synset."),
          ("Licence: WordNet 3.0 licence (permissive). WordNet 3.0 Copyright 2006 by Princeton University. "
           "All rights reserved. Full licence text and disclaimer in `wordnet/COPYRIGHT`."),
-         *split_lines(built["wordnet"]),
+         *split_lines(manifests),
          "Keys: `txt` (\"word1, word2: gloss\"), `cls` (lexicographer file number), `json` {lexname, pos}.",
-         f"Labels: {numbered(LEXNAMES)}."],
-        ["## kjv",
+         f"Labels: {numbered(LEXNAMES)}."]
+
+
+def kjv_section(manifests: dict) -> list[str]:
+    return ["## kjv",
          (f"King James Version, Debian package `bible-kjv` {deb_version('bible-kjv')}, one sample per verse "
           "of `bible -f Gen1:1-Rev22:21`; every 50th verse is in `test/`."),
          "Licence: the text is in the public domain.",
-         *split_lines(built["kjv"]),
-         "Keys: `txt` (verse), `json` {ref} (reference as `bible` prints it, e.g. `Ge1:1`)."],
-        ["## speech",
+         *split_lines(manifests),
+         "Keys: `txt` (verse), `json` {ref} (reference as `bible` prints it, e.g. `Ge1:1`)."]
+
+
+def speech_section(manifests: dict) -> list[str]:
+    return ["## speech",
          (f"Single English words rendered with `espeak-ng` {deb_version('espeak-ng')}, trimmed, 16 kHz mono. "
-          f"Train voices: {', '.join(TRAIN_VOICES)}. Test-only voices: {', '.join(TEST_VOICES)}. "
-          f"Speeds {SPEEDS}, pitches {PITCHES}; {SPEECH_TRAIN_PER_WORD} train and "
-          f"{SPEECH_TEST_PER_WORD} test renders per word."),
+          f"Train voices: {', '.join(TRAIN_VOICES)}; {SPEECH_TRAIN_PER_WORD} renders per word drawn from "
+          f"them, and {SPEECH_EXTRA_PER_WORD} more from {', '.join(EXTRA_TRAIN_VOICES)}. "
+          f"Test-only voices: {', '.join(TEST_VOICES)}, {SPEECH_TEST_PER_WORD} renders per word. "
+          f"Speeds {SPEEDS}, pitches {PITCHES}."),
          "Licence: espeak-ng is GPL-3.0-or-later; the clips are its synthesized output of common words.",
-         *split_lines(built["speech"]),
+         *split_lines(manifests),
          "Keys: `flac`, `txt` (the word), `cls`, `json` {word, voice, speed, pitch}.",
-         f"Labels: {numbered(SPEECH_WORDS)}."],
-    ]
+         f"Labels: {numbered(SPEECH_WORDS)}."]
 
 
-def write_sources(out: Path, built: dict, wordnet_per_class: int) -> None:
+def write_sources(out: Path, sections: dict[str, list[str]]) -> None:
+    """Write SOURCES.md; sets not rebuilt keep the section an earlier build wrote."""
     head = ["# Starter data", "",
             "Webdataset shards (`.tar.gz`) with a `manifest.json` per split directory.",
             "Rebuild: `bash scripts/build_starter_data.sh`"]
-    body = ["\n".join(section) for section in source_sections(built, wordnet_per_class)]
-    (out / "SOURCES.md").write_text("\n\n".join(["\n".join(head), *body]) + "\n")
+    path = out / "SOURCES.md"
+    kept = {}
+    if path.exists():
+        for block in path.read_text().split("\n\n## ")[1:]:
+            kept[block.split("\n", 1)[0]] = "## " + block.strip()
+    text = {name: kept.get(name) for name in STEPS}
+    text.update({name: "\n".join(section) for name, section in sections.items()})
+    missing = [name for name, block in text.items() if block is None]
+    if missing:
+        raise RuntimeError(f"{path}: no section for {', '.join(missing)}; rebuild them (drop --only)")
+    path.write_text("\n\n".join(["\n".join(head), *text.values()]) + "\n")
 
 
-def copy_notices(out: Path, tarball: Path) -> None:
+def copy_notices(out: Path, names: list[str], tarball: Path | None) -> None:
     """Licence texts that must travel with copies of the data."""
     for name, package in (("fmnist", "dataset-fashion-mnist"), ("wordnet", "wordnet-base")):
-        shutil.copyfile(f"/usr/share/doc/{package}/copyright", out / name / "COPYRIGHT")
-    with tarfile.open(tarball, "r:gz") as tar:
-        (out / "emoji" / "LICENSE").write_bytes(tar.extractfile("package/LICENSE").read())
+        if name in names:
+            shutil.copyfile(f"/usr/share/doc/{package}/copyright", out / name / "COPYRIGHT")
+    if "emoji" in names:
+        with tarfile.open(tarball, "r:gz") as tar:
+            (out / "emoji" / "LICENSE").write_bytes(tar.extractfile("package/LICENSE").read())
 
 
 def verify(out: Path, samples: int = 3) -> None:
@@ -419,28 +457,34 @@ def verify(out: Path, samples: int = 3) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--emoji-tarball", type=Path, required=True,
-                    help="emoji-datasource-google-*.tgz made by npm pack")
+    ap.add_argument("--emoji-tarball", type=Path, help="emoji-datasource-google-*.tgz made by npm pack")
     ap.add_argument("--out", type=Path, default=Path("data/starter"))
+    ap.add_argument("--only", action="append", choices=STEPS, help="rebuild only this set (repeatable)")
     ap.add_argument("--fmnist-train", type=int, default=30000, help="class-balanced cap on Fashion-MNIST train")
     ap.add_argument("--wordnet-per-class", type=int, default=2000, help="cap on synsets per lexicographer file")
     ap.add_argument("--emoji-size", type=int, default=32)
     ap.add_argument("--jobs", type=int, default=2, help="parallel espeak-ng renders")
     args = ap.parse_args()
+    names = args.only or list(STEPS)
+    if "emoji" in names and args.emoji_tarball is None:
+        ap.error("--emoji-tarball is needed to build emoji (or pass --only for the other sets)")
 
     steps = {"fmnist": lambda o: build_fmnist(o, args.fmnist_train),
              "emoji": lambda o: build_emoji(o, args.emoji_tarball, args.emoji_size),
              "wordnet": lambda o: build_wordnet(o, args.wordnet_per_class), "kjv": build_kjv,
              "speech": lambda o: build_speech(o, args.jobs)}
-    built = {}
-    for name, step in steps.items():
+    sections = {"fmnist": fmnist_section, "emoji": emoji_section,
+                "wordnet": lambda m: wordnet_section(m, args.wordnet_per_class), "kjv": kjv_section,
+                "speech": speech_section}
+    written = {}
+    for name in names:
         if (args.out / name).exists():
             shutil.rmtree(args.out / name)
         start = time.perf_counter()
-        built[name] = step(args.out / name)
+        written[name] = sections[name](steps[name](args.out / name))
         print(f"{name}: {time.perf_counter() - start:.1f} s")
-    write_sources(args.out, built, args.wordnet_per_class)
-    copy_notices(args.out, args.emoji_tarball)
+    write_sources(args.out, written)
+    copy_notices(args.out, names, args.emoji_tarball)
     verify(args.out)
 
 
