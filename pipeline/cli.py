@@ -92,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
             p.set_defaults(_command=module)
         else:
             sub.add_parser(name, help=registry.doc_line(dotted))
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "run":  # `selfsup run RECIPE --runs DIR key=value`: overrides may follow options
+        args.overrides += [w for w in extra if "=" in w and not w.startswith("-")]
+        extra = [w for w in extra if w not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from pipeline.config import ConfigError
     from pipeline.data.loader import SampleError
     from pipeline.data.shards import ShardError
