@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_parser(name, help=registry.doc_line(dotted))
     args, extra = parser.parse_known_args(argv)
     if args.command == "run":  # `selfsup run RECIPE --runs DIR key=value`: overrides may follow options
-        args.overrides += [w for w in extra if "=" in w and not w.startswith("-")]
-        extra = [w for w in extra if w not in args.overrides]
+        overrides = [w for w in extra if "=" in w and not w.startswith("-")]
+        args.overrides += overrides
+        extra = [w for w in extra if w not in overrides]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from pipeline.config import ConfigError

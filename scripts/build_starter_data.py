@@ -354,59 +354,59 @@ def numbered(names: list[str]) -> str:
 def fmnist_section(manifests: dict) -> list[str]:
     per_class = manifests["train"]["total"] // len(FMNIST_CLASSES)
     return ["## fmnist",
-         (f"Fashion-MNIST, Debian package `dataset-fashion-mnist` {deb_version('dataset-fashion-mnist')}. "
-          f"Train holds the first {per_class} images of each class of the 60000; test is complete."),
-         "Licence: MIT (Expat), Copyright 2017 Zalando SE; full text in `fmnist/COPYRIGHT`.",
-         *split_lines(manifests),
-         "Keys: `png` (28x28 grayscale), `cls`, `json` {label}.",
-         f"Labels: {numbered(FMNIST_CLASSES)}."]
+            (f"Fashion-MNIST, Debian package `dataset-fashion-mnist` {deb_version('dataset-fashion-mnist')}. "
+             f"Train holds the first {per_class} images of each class of the 60000; test is complete."),
+            "Licence: MIT (Expat), Copyright 2017 Zalando SE; full text in `fmnist/COPYRIGHT`.",
+            *split_lines(manifests),
+            "Keys: `png` (28x28 grayscale), `cls`, `json` {label}.",
+            f"Labels: {numbered(FMNIST_CLASSES)}."]
 
 
 def emoji_section(built: tuple[dict, list[str], str]) -> list[str]:
     manifests, categories, version = built
     return ["## emoji",
-         (f"npm package `emoji-datasource-google` {version}, `img/google/64` and `emoji.json`; composited "
-          "on white, resized with Lanczos. Category `Component` is left out; test is ~15 % by hash of `unified`."),
-         ("Licence: images are Google Noto Emoji, Apache-2.0 (per the package README); "
-          "the emoji.json data is MIT (`emoji/LICENSE`)."),
-         *split_lines(manifests),
-         ("Keys: `png` (RGB), `txt` (lower-cased name), `cls` (category), "
-          "`json` {name, short_name, category, subcategory, unified}."),
-         f"Labels: {numbered(categories)}."]
+            (f"npm package `emoji-datasource-google` {version}, `img/google/64` and `emoji.json`; composited "
+             "on white, resized with Lanczos. Category `Component` is left out; test is ~15 % by hash of `unified`."),
+            ("Licence: images are Google Noto Emoji, Apache-2.0 (per the package README); "
+             "the emoji.json data is MIT (`emoji/LICENSE`)."),
+            *split_lines(manifests),
+            ("Keys: `png` (RGB), `txt` (lower-cased name), `cls` (category), "
+             "`json` {name, short_name, category, subcategory, unified}."),
+            f"Labels: {numbered(categories)}."]
 
 
 def wordnet_section(manifests: dict, per_class: int) -> list[str]:
     return ["## wordnet",
-         (f"WordNet 3.0 glosses, Debian package `wordnet-base` {deb_version('wordnet-base')}, "
-          f"`data.{{noun,verb,adj,adv}}`; at most {per_class} synsets per lexicographer file "
-          "(a fixed pick by hash), test is ~10 % of those by hash of the synset."),
-         ("Licence: WordNet 3.0 licence (permissive). WordNet 3.0 Copyright 2006 by Princeton University. "
-          "All rights reserved. Full licence text and disclaimer in `wordnet/COPYRIGHT`."),
-         *split_lines(manifests),
-         "Keys: `txt` (\"word1, word2: gloss\"), `cls` (lexicographer file number), `json` {lexname, pos}.",
-         f"Labels: {numbered(LEXNAMES)}."]
+            (f"WordNet 3.0 glosses, Debian package `wordnet-base` {deb_version('wordnet-base')}, "
+             f"`data.{{noun,verb,adj,adv}}`; at most {per_class} synsets per lexicographer file "
+             "(a fixed pick by hash), test is ~10 % of those by hash of the synset."),
+            ("Licence: WordNet 3.0 licence (permissive). WordNet 3.0 Copyright 2006 by Princeton University. "
+             "All rights reserved. Full licence text and disclaimer in `wordnet/COPYRIGHT`."),
+            *split_lines(manifests),
+            "Keys: `txt` (\"word1, word2: gloss\"), `cls` (lexicographer file number), `json` {lexname, pos}.",
+            f"Labels: {numbered(LEXNAMES)}."]
 
 
 def kjv_section(manifests: dict) -> list[str]:
     return ["## kjv",
-         (f"King James Version, Debian package `bible-kjv` {deb_version('bible-kjv')}, one sample per verse "
-          "of `bible -f Gen1:1-Rev22:21`; every 50th verse is in `test/`."),
-         "Licence: the text is in the public domain.",
-         *split_lines(manifests),
-         "Keys: `txt` (verse), `json` {ref} (reference as `bible` prints it, e.g. `Ge1:1`)."]
+            (f"King James Version, Debian package `bible-kjv` {deb_version('bible-kjv')}, one sample per verse "
+             "of `bible -f Gen1:1-Rev22:21`; every 50th verse is in `test/`."),
+            "Licence: the text is in the public domain.",
+            *split_lines(manifests),
+            "Keys: `txt` (verse), `json` {ref} (reference as `bible` prints it, e.g. `Ge1:1`)."]
 
 
 def speech_section(manifests: dict) -> list[str]:
     return ["## speech",
-         (f"Single English words rendered with `espeak-ng` {deb_version('espeak-ng')}, trimmed, 16 kHz mono. "
-          f"Train voices: {', '.join(TRAIN_VOICES)}; {SPEECH_TRAIN_PER_WORD} renders per word drawn from "
-          f"them, and {SPEECH_EXTRA_PER_WORD} more from {', '.join(EXTRA_TRAIN_VOICES)}. "
-          f"Test-only voices: {', '.join(TEST_VOICES)}, {SPEECH_TEST_PER_WORD} renders per word. "
-          f"Speeds {SPEEDS}, pitches {PITCHES}."),
-         "Licence: espeak-ng is GPL-3.0-or-later; the clips are its synthesized output of common words.",
-         *split_lines(manifests),
-         "Keys: `flac`, `txt` (the word), `cls`, `json` {word, voice, speed, pitch}.",
-         f"Labels: {numbered(SPEECH_WORDS)}."]
+            (f"Single English words rendered with `espeak-ng` {deb_version('espeak-ng')}, trimmed, 16 kHz mono. "
+             f"Train voices: {', '.join(TRAIN_VOICES)}; {SPEECH_TRAIN_PER_WORD} renders per word drawn from "
+             f"them, and {SPEECH_EXTRA_PER_WORD} more from {', '.join(EXTRA_TRAIN_VOICES)}. "
+             f"Test-only voices: {', '.join(TEST_VOICES)}, {SPEECH_TEST_PER_WORD} renders per word. "
+             f"Speeds {SPEEDS}, pitches {PITCHES}."),
+            "Licence: espeak-ng is GPL-3.0-or-later; the clips are its synthesized output of common words.",
+            *split_lines(manifests),
+            "Keys: `flac`, `txt` (the word), `cls`, `json` {word, voice, speed, pitch}.",
+            f"Labels: {numbered(SPEECH_WORDS)}."]
 
 
 def write_sources(out: Path, sections: dict[str, list[str]]) -> None:
@@ -469,19 +469,20 @@ def main() -> None:
     if "emoji" in names and args.emoji_tarball is None:
         ap.error("--emoji-tarball is needed to build emoji (or pass --only for the other sets)")
 
-    steps = {"fmnist": lambda o: build_fmnist(o, args.fmnist_train),
-             "emoji": lambda o: build_emoji(o, args.emoji_tarball, args.emoji_size),
-             "wordnet": lambda o: build_wordnet(o, args.wordnet_per_class), "kjv": build_kjv,
-             "speech": lambda o: build_speech(o, args.jobs)}
-    sections = {"fmnist": fmnist_section, "emoji": emoji_section,
-                "wordnet": lambda m: wordnet_section(m, args.wordnet_per_class), "kjv": kjv_section,
-                "speech": speech_section}
+    # each set: what builds it (into its folder) and its SOURCES.md section (of what the build returns)
+    steps = {"fmnist": (lambda o: build_fmnist(o, args.fmnist_train), fmnist_section),
+             "emoji": (lambda o: build_emoji(o, args.emoji_tarball, args.emoji_size), emoji_section),
+             "wordnet": (lambda o: build_wordnet(o, args.wordnet_per_class),
+                         lambda m: wordnet_section(m, args.wordnet_per_class)),
+             "kjv": (build_kjv, kjv_section),
+             "speech": (lambda o: build_speech(o, args.jobs), speech_section)}
     written = {}
     for name in names:
         if (args.out / name).exists():
             shutil.rmtree(args.out / name)
         start = time.perf_counter()
-        written[name] = sections[name](steps[name](args.out / name))
+        build, section = steps[name]
+        written[name] = section(build(args.out / name))
         print(f"{name}: {time.perf_counter() - start:.1f} s")
     write_sources(args.out, written)
     copy_notices(args.out, names, args.emoji_tarball)

@@ -91,7 +91,6 @@ def test_only_and_force(tmp_path):
     assert stamps(run)["check"] != first["check"]
 
 
-
 def test_overrides_may_follow_options_and_a_stray_word_is_an_error(tmp_path, capsys):
     recipe = setup(tmp_path)
     runs = str(tmp_path / "runs")
@@ -100,6 +99,7 @@ def test_overrides_may_follow_options_and_a_stray_word_is_an_error(tmp_path, cap
     with pytest.raises(SystemExit) as e:
         main(["run", str(recipe), "--runs", runs, "vocab_size"])
     assert e.value.code == 2 and "unrecognized arguments: vocab_size" in capsys.readouterr().err
+
 
 def test_only_an_early_stage_needs_nothing_of_the_later_ones(tmp_path):
     """`--only check` before an export stage whose stage directories no stage has written yet."""
