@@ -7,6 +7,8 @@ Every split directory holds gzip-compressed tar shards and a ``manifest.json`` w
   (``png`` 28x28 grayscale, ``cls``, ``json``).
 * ``emoji``   Google (Noto) emoji images and names from the npm package
   ``emoji-datasource-google`` (``png`` RGB, ``txt`` caption, ``cls`` category, ``json``).
+* ``emoji_twitter`` the same emoji drawn by Twemoji, from ``emoji-datasource-twitter``: a second
+  art style, split by the same hash, so a test emoji is in neither train split.
 * ``wordnet`` WordNet 3.0 synset glosses from ``wordnet-base`` (``txt``, ``cls`` lexicographer
   file, ``json``).
 * ``kjv``     King James Bible verses printed by ``bible`` of ``bible-kjv`` (``txt``, ``json``).
@@ -34,6 +36,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -86,7 +89,21 @@ SPEECH_TEST_PER_WORD = 8
 SPEECH_EXTRA_PER_WORD = 30
 SAMPLE_RATE = 16000
 #: the sets, in the order they are built and told in SOURCES.md
-STEPS = ("fmnist", "emoji", "wordnet", "kjv", "speech")
+STEPS = ("fmnist", "emoji", "emoji_twitter", "wordnet", "kjv", "speech")
+
+
+class EmojiArt(NamedTuple):
+    vendor: str  #: the package's image folder and ``has_img_<vendor>`` flag
+    key_prefix: str
+    licence: str
+
+
+#: one set per art style of the same emoji (the npm package ``emoji-datasource-<vendor>``)
+EMOJI_ART = {
+    "emoji": EmojiArt("google", "emoji", "images are Google Noto Emoji, Apache-2.0 (per the package README)"),
+    "emoji_twitter": EmojiArt("twitter", "twemoji", "images are Twemoji, Copyright 2019 Twitter, Inc and other "
+                              "contributors, CC-BY 4.0 (per the package README)"),
+}
 
 
 def stable_hash(text: str) -> int:
@@ -174,11 +191,11 @@ def build_fmnist(out: Path, train_limit: int) -> dict:
 # Emoji
 
 
-def read_emoji_package(tarball: Path) -> tuple[list[dict], dict[str, bytes], dict]:
-    """``emoji.json``, the 64 px Google images by file name, and ``package.json`` of the tarball."""
+def read_emoji_package(tarball: Path, vendor: str) -> tuple[list[dict], dict[str, bytes], dict]:
+    """``emoji.json``, the 64 px images of ``vendor`` by file name, and ``package.json`` of the tarball."""
     images: dict[str, bytes] = {}
     meta: dict[str, bytes] = {}
-    prefix = "package/img/google/64/"
+    prefix = f"package/img/{vendor}/64/"
     with tarfile.open(tarball, "r:gz") as tar:
         for member in tar:
             if member.isfile() and member.name.startswith(prefix):
@@ -200,16 +217,16 @@ def emoji_caption(entry: dict) -> str:
     return entry["short_name"].replace("_", " ")
 
 
-def build_emoji(out: Path, tarball: Path, size: int) -> tuple[dict, list[str], str]:
-    entries, images, package = read_emoji_package(tarball)
-    entries = [e for e in entries if e.get("has_img_google") and e["image"] in images
+def build_emoji(out: Path, tarball: Path, size: int, art: EmojiArt) -> tuple[dict, list[str], str]:
+    entries, images, package = read_emoji_package(tarball, art.vendor)
+    entries = [e for e in entries if e.get(f"has_img_{art.vendor}") and e["image"] in images
                and e["category"] != "Component"]
     categories = sorted({e["category"] for e in entries})
     enc = registry.modality("image")()
     splits: dict[str, list[dict]] = {"train": [], "test": []}
     for e in entries:
         split = "test" if is_test(e["unified"], 0.15) else "train"
-        splits[split].append({"__key__": "emoji_" + e["unified"].lower(), "entry": e})
+        splits[split].append({"__key__": f"{art.key_prefix}_{e['unified'].lower()}", "entry": e})
 
     def to_sample(item):
         e = item["entry"]
@@ -362,13 +379,14 @@ def fmnist_section(manifests: dict) -> list[str]:
             f"Labels: {numbered(FMNIST_CLASSES)}."]
 
 
-def emoji_section(built: tuple[dict, list[str], str]) -> list[str]:
+def emoji_section(name: str, built: tuple[dict, list[str], str]) -> list[str]:
     manifests, categories, version = built
-    return ["## emoji",
-            (f"npm package `emoji-datasource-google` {version}, `img/google/64` and `emoji.json`; composited "
-             "on white, resized with Lanczos. Category `Component` is left out; test is ~15 % by hash of `unified`."),
-            ("Licence: images are Google Noto Emoji, Apache-2.0 (per the package README); "
-             "the emoji.json data is MIT (`emoji/LICENSE`)."),
+    art = EMOJI_ART[name]
+    return [f"## {name}",
+            (f"npm package `emoji-datasource-{art.vendor}` {version}, `img/{art.vendor}/64` and `emoji.json`; "
+             "composited on white, resized with Lanczos. Category `Component` is left out; test is ~15 % by hash "
+             "of `unified` (the same emoji in every art set)."),
+            f"Licence: {art.licence}; the emoji.json data is MIT (`{name}/LICENSE`).",
             *split_lines(manifests),
             ("Keys: `png` (RGB), `txt` (lower-cased name), `cls` (category), "
              "`json` {name, short_name, category, subcategory, unified}."),
@@ -427,14 +445,15 @@ def write_sources(out: Path, sections: dict[str, list[str]]) -> None:
     path.write_text("\n\n".join(["\n".join(head), *text.values()]) + "\n")
 
 
-def copy_notices(out: Path, names: list[str], tarball: Path | None) -> None:
+def copy_notices(out: Path, names: list[str], tarballs: dict[str, Path]) -> None:
     """Licence texts that must travel with copies of the data."""
     for name, package in (("fmnist", "dataset-fashion-mnist"), ("wordnet", "wordnet-base")):
         if name in names:
             shutil.copyfile(f"/usr/share/doc/{package}/copyright", out / name / "COPYRIGHT")
-    if "emoji" in names:
-        with tarfile.open(tarball, "r:gz") as tar:
-            (out / "emoji" / "LICENSE").write_bytes(tar.extractfile("package/LICENSE").read())
+    for name in EMOJI_ART:
+        if name in names:
+            with tarfile.open(tarballs[name], "r:gz") as tar:
+                (out / name / "LICENSE").write_bytes(tar.extractfile("package/LICENSE").read())
 
 
 def verify(out: Path, samples: int = 3) -> None:
@@ -457,7 +476,9 @@ def verify(out: Path, samples: int = 3) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--emoji-tarball", type=Path, help="emoji-datasource-google-*.tgz made by npm pack")
+    for name, art in EMOJI_ART.items():
+        ap.add_argument(f"--{name.replace('_', '-')}-tarball", type=Path,
+                        help=f"emoji-datasource-{art.vendor}-*.tgz made by npm pack")
     ap.add_argument("--out", type=Path, default=Path("data/starter"))
     ap.add_argument("--only", action="append", choices=STEPS, help="rebuild only this set (repeatable)")
     ap.add_argument("--fmnist-train", type=int, default=30000, help="class-balanced cap on Fashion-MNIST train")
@@ -466,12 +487,15 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="parallel espeak-ng renders")
     args = ap.parse_args()
     names = args.only or list(STEPS)
-    if "emoji" in names and args.emoji_tarball is None:
-        ap.error("--emoji-tarball is needed to build emoji (or pass --only for the other sets)")
+    tarballs = {name: getattr(args, f"{name}_tarball") for name in EMOJI_ART}
+    for name in EMOJI_ART:
+        if name in names and tarballs[name] is None:
+            ap.error(f"--{name.replace('_', '-')}-tarball is needed to build {name} (or pass --only for the other sets)")
 
     # each set: what builds it (into its folder) and its SOURCES.md section (of what the build returns)
     steps = {"fmnist": (lambda o: build_fmnist(o, args.fmnist_train), fmnist_section),
-             "emoji": (lambda o: build_emoji(o, args.emoji_tarball, args.emoji_size), emoji_section),
+             **{name: (lambda o, name=name: build_emoji(o, tarballs[name], args.emoji_size, EMOJI_ART[name]),
+                       lambda built, name=name: emoji_section(name, built)) for name in EMOJI_ART},
              "wordnet": (lambda o: build_wordnet(o, args.wordnet_per_class),
                          lambda m: wordnet_section(m, args.wordnet_per_class)),
              "kjv": (build_kjv, kjv_section),
@@ -485,7 +509,7 @@ def main() -> None:
         written[name] = section(build(args.out / name))
         print(f"{name}: {time.perf_counter() - start:.1f} s")
     write_sources(args.out, written)
-    copy_notices(args.out, names, args.emoji_tarball)
+    copy_notices(args.out, names, tarballs)
     verify(args.out)
 
 
