@@ -53,7 +53,7 @@ def render(report: dict, figures: list[tuple[str, bytes]], examples: list[dict])
     entries = report["entries"]
     flagged = sum(any(loses(e, b) for b in BASELINES) for e in entries)
     chips = [f"<span>{len(entries)} results</span>",
-             f"<span class='{'bad' if flagged else ''}'>{flagged} below a baseline</span>"]
+             f"<span class='{'bad' if flagged else ''}'>{flagged} at or below a baseline</span>"]
     parts = [f"<h1>Evaluation report</h1><div class='meta'>written {escape(report.get('created', ''))}</div>",
              f"<div class='chips'>{''.join(chips)}</div>", "<h2>Results</h2>", results_table(entries)]
     for title, png in figures:
