@@ -474,11 +474,15 @@ def verify(out: Path, samples: int = 3) -> None:
         print(f"ok {split.relative_to(out)}: {total} samples, {len(shards)} shards")
 
 
+def tarball_flag(name: str) -> str:
+    """The option naming the npm tarball of emoji set ``name`` (``--emoji-twitter-tarball``)."""
+    return f"--{name.replace('_', '-')}-tarball"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name, art in EMOJI_ART.items():
-        ap.add_argument(f"--{name.replace('_', '-')}-tarball", type=Path,
-                        help=f"emoji-datasource-{art.vendor}-*.tgz made by npm pack")
+        ap.add_argument(tarball_flag(name), type=Path, help=f"emoji-datasource-{art.vendor}-*.tgz made by npm pack")
     ap.add_argument("--out", type=Path, default=Path("data/starter"))
     ap.add_argument("--only", action="append", choices=STEPS, help="rebuild only this set (repeatable)")
     ap.add_argument("--fmnist-train", type=int, default=30000, help="class-balanced cap on Fashion-MNIST train")
@@ -490,7 +494,7 @@ def main() -> None:
     tarballs = {name: getattr(args, f"{name}_tarball") for name in EMOJI_ART}
     for name in EMOJI_ART:
         if name in names and tarballs[name] is None:
-            ap.error(f"--{name.replace('_', '-')}-tarball is needed to build {name} (or pass --only for the other sets)")
+            ap.error(f"{tarball_flag(name)} is needed to build {name} (or pass --only for the other sets)")
 
     # each set: what builds it (into its folder) and its SOURCES.md section (of what the build returns)
     steps = {"fmnist": (lambda o: build_fmnist(o, args.fmnist_train), fmnist_section),
