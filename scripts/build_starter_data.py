@@ -14,6 +14,8 @@ Every split directory holds gzip-compressed tar shards and a ``manifest.json`` w
 * ``kjv``     King James Bible verses printed by ``bible`` of ``bible-kjv`` (``txt``, ``json``).
 * ``speech``  short English words spoken by ``espeak-ng`` in many voices, speeds and pitches,
   16 kHz mono (``flac``, ``txt``, ``cls``, ``json``); three voices appear only in ``test``.
+* ``speech_flite`` the same words spoken by a second engine, ``flite``, in voices built from
+  recordings of real speakers; one speaker is heard only in ``test``.
 
 Run ``bash scripts/build_starter_data.sh`` to install the packages and rebuild everything;
 ``SOURCES.md`` in the output directory is rewritten with the counts of the build. ``--only speech``
@@ -87,9 +89,15 @@ PITCHES = [35, 50, 65]
 SPEECH_TRAIN_PER_WORD = 30
 SPEECH_TEST_PER_WORD = 8
 SPEECH_EXTRA_PER_WORD = 30
+#: a second engine (Debian ``flite``), whose voices are built from recordings of real speakers: CMU
+#: ARCTIC's rms and slt, and kal's diphones at 16 and 8 kHz; awb, another speaker, is test-only
+FLITE_TRAIN_VOICES = ["rms", "slt", "kal16", "kal"]
+FLITE_TEST_VOICES = ["awb"]
+#: flite's ``duration_stretch`` (0.8 speaks faster, 1.25 slower); every voice speaks every word at each
+FLITE_STRETCHES = [0.8, 0.9, 1.0, 1.1, 1.25]
 SAMPLE_RATE = 16000
 #: the sets, in the order they are built and told in SOURCES.md
-STEPS = ("fmnist", "emoji", "emoji_twitter", "wordnet", "kjv", "speech")
+STEPS = ("fmnist", "emoji", "emoji_twitter", "wordnet", "kjv", "speech", "speech_flite")
 
 
 class EmojiArt(NamedTuple):
@@ -294,19 +302,42 @@ def build_kjv(out: Path) -> dict:
 # Speech
 
 
-def speech_jobs() -> list[tuple[str, str, int, int, str]]:
-    """(word, voice, speed, pitch, split): a fixed random draw of the voice/speed/pitch grid per word."""
-    jobs = []
+class Utterance(NamedTuple):
+    """One word to synthesize: ``argv`` runs the engine, writing the file named ``{wav}``."""
+
+    word: str
+    split: str
+    key: str
+    meta: dict
+    argv: list[str]
+
+
+def espeak_utterances() -> list[Utterance]:
+    """A fixed random draw of espeak-ng's voice/speed/pitch grid per word."""
+    draws = []
     for word in SPEECH_WORDS:
         rng = random.Random(stable_hash(word))
         for split, voices, n in (("train", TRAIN_VOICES, SPEECH_TRAIN_PER_WORD),
                                  ("test", TEST_VOICES, SPEECH_TEST_PER_WORD)):
             grid = [(v, s, p) for v in voices for s in SPEEDS for p in PITCHES]
-            jobs += [(word, v, s, p, split) for v, s, p in rng.sample(grid, n)]
+            draws += [(word, v, s, p, split) for v, s, p in rng.sample(grid, n)]
         grid = [(v, s, p) for v in EXTRA_TRAIN_VOICES for s in SPEEDS for p in PITCHES]
         extra = random.Random(stable_hash(word + "/extra")).sample(grid, SPEECH_EXTRA_PER_WORD)
-        jobs += [(word, v, s, p, "train") for v, s, p in extra]
-    return jobs
+        draws += [(word, v, s, p, "train") for v, s, p in extra]
+    return [Utterance(word, split, f"speech_{word}_{voice}_{speed}_{pitch}".replace("+", "_"),
+                      {"word": word, "voice": voice, "speed": speed, "pitch": pitch},
+                      ["espeak-ng", "-w", "{wav}", "-v", voice, "-s", str(speed), "-p", str(pitch), word])
+            for word, voice, speed, pitch, split in draws]
+
+
+def flite_utterances() -> list[Utterance]:
+    """Every word in every flite voice at every stretch."""
+    return [Utterance(word, split, f"flite_{word}_{voice}_{round(stretch * 100)}",
+                      {"word": word, "voice": f"flite-{voice}", "stretch": stretch},
+                      ["flite", "-voice", voice, "--setf", f"duration_stretch={stretch}", "-t", word, "-o", "{wav}"])
+            for word in SPEECH_WORDS
+            for split, voices in (("train", FLITE_TRAIN_VOICES), ("test", FLITE_TEST_VOICES))
+            for voice in voices for stretch in FLITE_STRETCHES]
 
 
 def trim_silence(wave: np.ndarray, sr: int, below_peak_db: float = 40.0, pad_s: float = 0.02) -> np.ndarray:
@@ -318,36 +349,32 @@ def trim_silence(wave: np.ndarray, sr: int, below_peak_db: float = 40.0, pad_s: 
     return wave[max(0, loud[0] - pad): loud[-1] + pad + 1]
 
 
-def render(job: tuple[str, str, int, int, str], tmp: Path) -> np.ndarray:
-    """Speak one word with espeak-ng; mono float32 at ``SAMPLE_RATE``, silence trimmed."""
+def render(utterance: Utterance, tmp: Path) -> np.ndarray:
+    """Speak one word; mono float32 at ``SAMPLE_RATE``, silence trimmed."""
     import soundfile as sf
     import torch
     import torchaudio.functional as AF
 
-    word, voice, speed, pitch, _ = job
-    wav = tmp / f"{word}_{voice}_{speed}_{pitch}.wav"
-    subprocess.run(["espeak-ng", "-w", str(wav), "-v", voice, "-s", str(speed), "-p", str(pitch), word],
-                   check=True, capture_output=True)
+    wav = tmp / f"{utterance.key}.wav"
+    subprocess.run([str(wav) if a == "{wav}" else a for a in utterance.argv], check=True, capture_output=True)
     wave, sr = sf.read(wav, dtype="float32", always_2d=True)
     wav.unlink()
     wave = trim_silence(wave.mean(axis=1), sr)
     return AF.resample(torch.from_numpy(wave), sr, SAMPLE_RATE).numpy()
 
 
-def build_speech(out: Path, jobs_n: int) -> dict:
+def build_speech(out: Path, utterances: list[Utterance], jobs_n: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    jobs = speech_jobs()
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs_n) as pool:
-        waves = list(pool.map(lambda j: render(j, Path(tmp)), jobs))
+        waves = list(pool.map(lambda u: render(u, Path(tmp)), utterances))
     enc = registry.modality("audio")()
     splits: dict[str, list[dict]] = {"train": [], "test": []}
-    for (word, voice, speed, pitch, split), wave in zip(jobs, waves):
-        key = f"speech_{word}_{voice}_{speed}_{pitch}".replace("+", "_")
+    for u, wave in zip(utterances, waves):
         ext, flac = enc.encode((wave, SAMPLE_RATE))
-        splits[split].append({"__key__": key, ext: flac, "txt": word, "cls": SPEECH_WORDS.index(word),
-                              "json": {"word": word, "voice": voice, "speed": speed, "pitch": pitch}})
+        splits[u.split].append({"__key__": u.key, ext: flac, "txt": u.word, "cls": SPEECH_WORDS.index(u.word),
+                                "json": u.meta})
     return write_splits(out, {k: mixed(v) for k, v in splits.items()})
 
 
@@ -427,6 +454,19 @@ def speech_section(manifests: dict) -> list[str]:
             f"Labels: {numbered(SPEECH_WORDS)}."]
 
 
+def speech_flite_section(manifests: dict) -> list[str]:
+    return ["## speech_flite",
+            (f"The words of `speech` rendered with `flite` {deb_version('flite')}, whose voices are built from "
+             f"recordings of real speakers, trimmed, 16 kHz mono. Train voices: {', '.join(FLITE_TRAIN_VOICES)}; "
+             f"test-only voice: {', '.join(FLITE_TEST_VOICES)}; every word in every voice at each duration "
+             f"stretch of {FLITE_STRETCHES}."),
+            ("Licence: flite and its voices are free software under CMU's permissive licence; full text in "
+             "`speech_flite/COPYRIGHT`. The clips are its synthesized output of common words."),
+            *split_lines(manifests),
+            "Keys: `flac`, `txt` (the word), `cls`, `json` {word, voice, stretch}.",
+            f"Labels: as `speech`: {numbered(SPEECH_WORDS)}."]
+
+
 def write_sources(out: Path, sections: dict[str, list[str]]) -> None:
     """Write SOURCES.md; sets not rebuilt keep the section an earlier build wrote."""
     head = ["# Starter data", "",
@@ -447,7 +487,8 @@ def write_sources(out: Path, sections: dict[str, list[str]]) -> None:
 
 def copy_notices(out: Path, names: list[str], tarballs: dict[str, Path]) -> None:
     """Licence texts that must travel with copies of the data."""
-    for name, package in (("fmnist", "dataset-fashion-mnist"), ("wordnet", "wordnet-base")):
+    for name, package in (("fmnist", "dataset-fashion-mnist"), ("wordnet", "wordnet-base"),
+                          ("speech_flite", "libflite1")):
         if name in names:
             shutil.copyfile(f"/usr/share/doc/{package}/copyright", out / name / "COPYRIGHT")
     for name in EMOJI_ART:
@@ -488,7 +529,7 @@ def main() -> None:
     ap.add_argument("--fmnist-train", type=int, default=30000, help="class-balanced cap on Fashion-MNIST train")
     ap.add_argument("--wordnet-per-class", type=int, default=2000, help="cap on synsets per lexicographer file")
     ap.add_argument("--emoji-size", type=int, default=32)
-    ap.add_argument("--jobs", type=int, default=2, help="parallel espeak-ng renders")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel espeak-ng / flite renders")
     args = ap.parse_args()
     names = args.only or list(STEPS)
     tarballs = {name: getattr(args, f"{name}_tarball") for name in EMOJI_ART}
@@ -503,7 +544,8 @@ def main() -> None:
              "wordnet": (lambda o: build_wordnet(o, args.wordnet_per_class),
                          lambda m: wordnet_section(m, args.wordnet_per_class)),
              "kjv": (build_kjv, kjv_section),
-             "speech": (lambda o: build_speech(o, args.jobs), speech_section)}
+             "speech": (lambda o: build_speech(o, espeak_utterances(), args.jobs), speech_section),
+             "speech_flite": (lambda o: build_speech(o, flite_utterances(), args.jobs), speech_flite_section)}
     written = {}
     for name in names:
         if (args.out / name).exists():

@@ -1,4 +1,5 @@
-"""The shipped starter emoji sets: every art style holds the same emoji under the same split."""
+"""The shipped starter sets that come twice: every emoji art style holds the same emoji under the same
+split, and every speech engine speaks the same words with its test voices kept out of training."""
 
 from __future__ import annotations
 
@@ -35,3 +36,28 @@ def test_emoji_art_sets_differ_in_their_images_not_their_captions():
     assert {k: g["txt"] for k, g in google.items()} == {k: twitter[k]["txt"] for k in google}
     assert sum(google[k]["png"] != twitter[k]["png"] for k in google) == len(google)
     assert not {g["__key__"] for g in google.values()} & {t["__key__"] for t in twitter.values()}
+
+
+SPEECH_ENGINES = ["speech", "speech_flite"]
+
+
+def _voices_and_words(split) -> tuple[set[str], dict[str, int]]:
+    """(voices, word → class id) of one speech split, each word always under one id."""
+    voices, words = set(), {}
+    for shard in open_shards(split).shards:
+        for s in iter_samples(shard.path):
+            meta = json.loads(s["json"])
+            voices.add(meta["voice"])
+            assert words.setdefault(s["txt"].decode(), int(s["cls"])) == int(s["cls"]), f"{split}: {s['__key__']}"
+    return voices, words
+
+
+def test_speech_engines_keep_their_test_voices_out_of_training_and_share_the_words():
+    """A test voice is heard in no train split of any engine, and class ``k`` is the same word in all."""
+    parts = {name: {part: _voices_and_words(STARTER / name / part) for part in ("train", "test")}
+             for name in SPEECH_ENGINES}
+    train_voices = set().union(*(p["train"][0] for p in parts.values()))
+    words = parts["speech"]["train"][1]
+    for name, p in parts.items():
+        assert p["test"][0] and not p["test"][0] & train_voices, f"{name}/test: a voice also heard in training"
+        assert p["train"][1] == p["test"][1] == words, f"{name}: other words or ids than speech/train"
