@@ -6,9 +6,12 @@ mel filterbank ``torchaudio.transforms.MelSpectrogram``, computed once per batch
 augmentation is, where asked, speed perturbation (the clip resampled by a factor drawn from
 ``speed_factors``, which changes tempo and pitch together as a shorter or longer vocal tract
 would: ``torchaudio.functional.speed``), a random crop of long clips and a random time shift of
-short ones inside the zero-padded window, then, where asked, SpecAugment's frequency and time masks (bands of mel bins and
-runs of frames set to the normalized mean, 0), drawn with the crop and put in once the batch's
-log-mel is computed. The encoder is a ViT over log-mel patches (``LogMelEncoder``).
+short ones inside the zero-padded window, then, where asked, a room: background noise over the
+whole window (a power spectrum falling as 1/f^slope, at a signal-to-noise ratio drawn per clip)
+and a gain, the noise floor and level every recording has and synthesized speech lacks, then
+SpecAugment's frequency and time masks (bands of mel bins and runs of frames set to the normalized
+mean, 0), drawn with the crop and put in once the batch's log-mel is computed. The encoder is a
+ViT over log-mel patches (``LogMelEncoder``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Annotated, Any
 import numpy as np
 import soundfile as sf
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from modalities.base import Modality as Base
 from modalities.base import ModalityConfig
@@ -50,17 +53,34 @@ class AudioConfig(ModalityConfig):
     #: (1.1 plays 10 % faster and higher); empty leaves it out. Factors on a 0.05 grid keep the
     #: resampling kernel short (0.9 is 16 kHz → 14.4 kHz, a ratio of 9 : 10)
     speed_factors: tuple[Annotated[float, Field(gt=0.5, lt=2.0)], ...] = ()
+    #: background noise (train only): with probability ``noise_prob`` a clip gets noise over its whole
+    #: window at a signal-to-noise ratio uniform in ``noise_snr_db`` (dB against the clip's own RMS),
+    #: its power spectrum falling as 1/f^slope with the slope uniform in ``noise_slope`` (0 white,
+    #: 1 pink, 2 brown)
+    noise_prob: float = Field(0.0, ge=0, le=1)
+    noise_snr_db: tuple[float, float] = (10.0, 40.0)
+    noise_slope: tuple[Annotated[float, Field(ge=0, le=4)], Annotated[float, Field(ge=0, le=4)]] = (0.0, 2.0)
+    #: gain (train only): every clip scaled by a factor uniform in dB in this range ((0, 0): none)
+    gain_db: tuple[float, float] = (0.0, 0.0)
     #: key written by ``encode`` for raw arrays
     write_format: str = "flac"
     #: longest clip decoded; a long file would take its whole length in memory before the crop
     max_seconds: float = Field(600.0, gt=0)
+
+    @field_validator("noise_snr_db", "noise_slope", "gain_db")
+    @classmethod
+    def _range(cls, value: tuple[float, float], info) -> tuple[float, float]:
+        if value[0] > value[1]:
+            raise ValueError(f"audio.{info.field_name}: [low, high] with low <= high, got {list(value)}")
+        return value
 
 
 class Modality(Base):
     name = "audio"
     extensions = ("flac", "wav")
     Config = AudioConfig
-    augment_keys = frozenset({"freq_masks", "freq_mask_bins", "time_masks", "time_mask_frames", "speed_factors"})
+    augment_keys = frozenset({"freq_masks", "freq_mask_bins", "time_masks", "time_mask_frames", "speed_factors",
+                              "noise_prob", "noise_snr_db", "noise_slope", "gain_db"})
     free_keys = augment_keys | {"write_format", "max_seconds"}
 
     def __init__(self, cfg: AudioConfig | None = None):
@@ -121,15 +141,32 @@ class Modality(Base):
         if wave.numel() >= n:
             start = rng.randint(0, wave.numel() - n) if rng is not None else (wave.numel() - n) // 2
             out.copy_(wave[start : start + n])
+            clip = out
         else:
             slack = n - wave.numel()
             start = rng.randint(0, slack) if rng is not None else slack // 2
             out[start : start + wave.numel()] = wave
-        if rng is None or not (c.freq_masks or c.time_masks):
+            clip = wave
+        if rng is None:
+            return out
+        out = self._room(out, clip, rng)
+        if not (c.freq_masks or c.time_masks):
             return out
         masks = [(0, *_band(c.n_mels, c.freq_mask_bins, rng)) for _ in range(c.freq_masks)]
         masks += [(1, *_band(self.num_frames, c.time_mask_frames, rng)) for _ in range(c.time_masks)]
         return Masked(out, tuple(masks))
+
+    def _room(self, out: torch.Tensor, clip: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """``out`` (the window) with the drawn noise (scaled to ``clip``, the sound in it) and gain."""
+        c = self.cfg
+        if c.noise_prob > 0 and rng.random() < c.noise_prob:
+            snr, slope = rng.uniform(*c.noise_snr_db), rng.uniform(*c.noise_slope)
+            generator = torch.Generator().manual_seed(rng.getrandbits(63))
+            level = clip.pow(2).mean().sqrt() * 10 ** (-snr / 20)
+            out = out + level * colored_noise(out.numel(), slope, generator)
+        if c.gain_db != (0.0, 0.0):
+            out = out * 10 ** (rng.uniform(*c.gain_db) / 20)
+        return out
 
     @staticmethod
     def raw_features(batch: np.ndarray) -> np.ndarray:
@@ -170,6 +207,16 @@ class Masked:
 
     wave: torch.Tensor
     masks: tuple[tuple[int, int, int], ...]
+
+
+def colored_noise(n: int, slope: float, generator: torch.Generator) -> torch.Tensor:
+    """[n] noise of RMS 1 whose power spectrum falls as 1/f^slope (0 white, 1 pink, 2 brown), no DC."""
+    spectrum = torch.fft.rfft(torch.randn(n, generator=generator))
+    f = torch.arange(spectrum.numel(), dtype=torch.float32)
+    spectrum = spectrum * f.clamp(min=1).pow(-slope / 2)
+    spectrum[0] = 0
+    x = torch.fft.irfft(spectrum, n)
+    return x / x.pow(2).mean().sqrt().clamp(min=1e-12)
 
 
 def _band(size: int, most: int, rng: random.Random) -> tuple[int, int]:

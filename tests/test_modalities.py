@@ -185,6 +185,43 @@ def test_speed_perturbation_is_torchaudios_resampling_drawn_from_the_clips_rng()
     assert len(views) > 1  # both factors drawn: 0.9 gives the longer clip
 
 
+def test_room_noise_fills_the_window_at_the_drawn_snr_and_spectral_slope():
+    """Background noise covers the whole window, the zero padding included, at the signal-to-noise
+    ratio asked against the clip's own RMS; it comes from the clip's rng after the shift's draw (the
+    clean part is the plain transform's), a slope of 2 puts its power at low frequencies where 0 spreads
+    it flat, the gain scales the window, and evaluation gets none of it."""
+    import random
+
+    from modalities.audio import AudioConfig, colored_noise
+    from modalities.audio import Modality as Audio
+
+    torch.manual_seed(0)
+    wave = torch.randn(6000) * 0.1
+    plain = Audio(AudioConfig())
+    noisy = Audio(AudioConfig(noise_prob=1.0, noise_snr_db=(20.0, 20.0), noise_slope=(0.0, 0.0)))
+    clean = plain.transform(wave, random.Random(7))
+    got = noisy.transform(wave, random.Random(7))
+    assert torch.equal(got, noisy.transform(wave, random.Random(7)))
+    noise = got - clean
+    assert (noise != 0).all()  # the padding too: a recording has no digital silence
+    snr = 20 * torch.log10(wave.pow(2).mean().sqrt() / noise.pow(2).mean().sqrt())
+    assert abs(snr.item() - 20.0) < 1e-3
+    assert not torch.equal(got, noisy.transform(wave, random.Random(8)))
+    assert torch.equal(noisy.transform(wave, None), plain.transform(wave, None))
+    never = Audio(AudioConfig(noise_prob=0.0))
+    assert torch.equal(never.transform(wave, random.Random(7)), clean)
+
+    def low_share(slope: float) -> float:
+        power = torch.fft.rfft(colored_noise(16000, slope, torch.Generator().manual_seed(0))).abs().pow(2)
+        return (power[: len(power) // 10].sum() / power.sum()).item()
+
+    assert 0.05 < low_share(0.0) < 0.15 and low_share(2.0) > 0.9
+    loud = Audio(AudioConfig(gain_db=(6.0, 6.0)))
+    assert torch.allclose(loud.transform(wave, random.Random(7)), clean * 10 ** (6 / 20))
+    with pytest.raises(ValueError, match="audio.noise_snr_db"):
+        AudioConfig(noise_snr_db=(30.0, 10.0))
+
+
 def test_text_span_crop_keeps_a_contiguous_span_of_the_tokens(starter_tokenizer):
     """``crop_min`` keeps a contiguous run of at least that share of the tokens, between the special
     tokens, drawn from the view's rng; evaluation and ``crop_min: 1`` keep every token."""
