@@ -69,9 +69,9 @@ class AudioConfig(ModalityConfig):
 
     @field_validator("noise_snr_db", "noise_slope", "gain_db")
     @classmethod
-    def _range(cls, value: tuple[float, float], info) -> tuple[float, float]:
+    def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
         if value[0] > value[1]:
-            raise ValueError(f"audio.{info.field_name}: [low, high] with low <= high, got {list(value)}")
+            raise ConfigError(f"[low, high] needs low <= high, got {list(value)}")
         return value
 
 
